@@ -1,0 +1,25 @@
+"""``python -m blip2_train [overrides]``: compose the Hydra config, build, fit.
+
+With no overrides this is the embedded default (experiment=smoke): stage 1 with a tiny frozen EVA
+and a tiny Q-Former on synthetic shards, on CPU, in a few minutes.
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from blip2_train.config import CONF_DIR, register_configs
+
+register_configs()
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from blip2_train.train import train
+
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""What stage 1 and stage 2 share: the frozen encoder, the Q-Former, the optimizer, bookkeeping."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from blip2_train.models.encoders import build_image_encoder
+from blip2_train.models.qformer import QFormer, num_parameters
+from blip2_train.optim import build_optimizer
+from blip2_train.tokenization import build_qformer_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def as_config(cfg) -> DictConfig:
+    if isinstance(cfg, DictConfig):
+        return cfg
+    return OmegaConf.create(cfg)
+
+
+class Blip2Base(L.LightningModule):
+    """Frozen image encoder -> ln_vision -> Q-Former, with the optimizer and checkpoint hooks."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        cfg = as_config(cfg)
+        # The resolved config travels inside every checkpoint, so evaluate/export need nothing else.
+        self.save_hyperparameters({"cfg": OmegaConf.to_container(cfg, resolve=True)})
+        self.cfg = cfg
+        self.strict_loading = False  # frozen pretrained encoder weights are not stored (see below)
+        cache_dir = str(Path(cfg.cache_dir) / "tokenizers")
+        self.tokenizer = build_qformer_tokenizer(cfg.qformer.tokenizer or cfg.qformer.bert, cache_dir)
+        self.encoder = build_image_encoder(cfg.encoder)
+        self.model = QFormer(cfg.qformer, vision_width=self.encoder.width, vocab_size=len(self.tokenizer),
+                             pad_token_id=self.tokenizer.pad_token_id)
+        if cfg.qformer.bert:
+            self.model.load_bert(cfg.qformer.bert)
+        self.register_buffer("skipped_samples", torch.zeros((), dtype=torch.long), persistent=True)
+        self.register_buffer("seen_samples", torch.zeros((), dtype=torch.long), persistent=True)
+        log.info("trainable parameters: %.2fM (of %.2fM)", num_parameters(self, True) / 1e6,
+                 num_parameters(self) / 1e6)
+
+    # --------------------------------------------------------------------------- bookkeeping
+    def count_samples(self, batch: dict) -> None:
+        """Running totals of good and skipped samples, as tensors (no host sync in the step)."""
+        self.seen_samples += batch["image"].shape[0]
+        if "num_skipped" in batch:
+            self.skipped_samples += batch["num_skipped"].to(self.skipped_samples.device)
+
+    def check_skipped_fraction(self) -> None:
+        """Stop when bad samples pass ``data.max_skipped_fraction`` (checked at log steps only)."""
+        if self.global_step % max(1, self.cfg.trainer.log_every_n_steps) != 0:
+            return
+        skipped, seen = int(self.skipped_samples), int(self.seen_samples)
+        self.log("data/skipped_samples", float(skipped), on_step=True, on_epoch=False)
+        if seen and skipped / (seen + skipped) > self.cfg.data.max_skipped_fraction:
+            raise RuntimeError(
+                f"{skipped} of {seen + skipped} samples were unreadable, more than "
+                f"data.max_skipped_fraction={self.cfg.data.max_skipped_fraction}: check the shards "
+                f"(each skipped sample is logged with its shard and key)")
+
+    # ------------------------------------------------------------------------------ optimizer
+    def configure_optimizers(self):
+        return build_optimizer(self, self.cfg.optim, self.cfg.trainer.max_steps)
+
+    def lr_scheduler_step(self, scheduler, metric):
+        scheduler.step()
+
+    # ----------------------------------------------------------------------------- checkpoint
+    def encoder_is_rebuildable(self) -> bool:
+        """A frozen encoder with pretrained weights is rebuilt from them, so it is not saved."""
+        return bool(self.cfg.encoder.pretrained) and bool(self.cfg.encoder.freeze)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.encoder_is_rebuildable():
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith("encoder.")]:
+                del state[key]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.encoder.train(mode)  # the frozen encoder's own train() keeps it in eval mode
+        return self

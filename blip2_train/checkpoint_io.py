@@ -1,0 +1,98 @@
+"""``init_from``: start a model from the weights of another run, with a report of what matched.
+
+Files from elsewhere are data, not code: they are read with ``torch.load(weights_only=True)`` or
+safetensors, so loading one can never run code.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a Lightning ``.ckpt`` (its ``state_dict``), a ``.pth``/``.pt`` or ``.safetensors``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"init_from={path}: no such file or directory")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling refusal ends here
+        raise ValueError(
+            f"{path} cannot be read as plain tensors ({err.__class__.__name__}: {str(err)[:200]}). "
+            f"Files are loaded with torch.load(weights_only=True) so that they can never run code; "
+            f"re-save it as a plain state dict or as safetensors."
+        ) from err
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def load_matching(module: nn.Module, state: dict[str, torch.Tensor], skip_prefixes=()) -> dict:
+    """Copy every tensor whose name and shape match; report matched / missing / unexpected."""
+    target = module.state_dict()
+    matched, mismatched = [], []
+    with torch.no_grad():
+        for key, value in state.items():
+            if key in target and not key.startswith(tuple(skip_prefixes)):
+                if target[key].shape == value.shape:
+                    target[key].copy_(value.to(target[key].dtype))
+                    matched.append(key)
+                else:
+                    mismatched.append(f"{key} {tuple(value.shape)} != {tuple(target[key].shape)}")
+    unexpected = sorted(k for k in state if k not in target)
+    missing = sorted(k for k in target if k not in state and not k.startswith(tuple(skip_prefixes)))
+    return {"matched": sorted(matched), "missing": missing, "unexpected": unexpected,
+            "mismatched": mismatched}
+
+
+def format_report(report: dict, source: str, limit: int = 20) -> str:
+    lines = [f"init_from {source}: {len(report['matched'])} matched, {len(report['missing'])} missing, "
+             f"{len(report['unexpected'])} unexpected, {len(report['mismatched'])} shape mismatches"]
+    for name in ("missing", "unexpected", "mismatched"):
+        keys = report[name]
+        if keys:
+            shown = ", ".join(keys[:limit]) + (f", ... (+{len(keys) - limit})" if len(keys) > limit else "")
+            lines.append(f"  {name}: {shown}")
+    return "\n".join(lines)
+
+
+def load_init(module: nn.Module, path: str | Path) -> dict:
+    """Initialise ``module`` from ``path``; fail when nothing matched."""
+    path = Path(path)
+    if path.is_dir() or path.suffix == ".pth" and _looks_like_lavis(path):
+        from blip2_train.interop import import_external  # transformers dir or LAVIS .pth
+
+        state = import_external(path, module)
+    else:
+        state = read_state_dict(path)
+    report = load_matching(module, state, skip_prefixes=("encoder.",) if _encoder_frozen(module) else ())
+    print(format_report(report, str(path)), flush=True)
+    if not report["matched"]:
+        raise ValueError(f"init_from={path}: no parameter name matched this model; is it a blip2_train "
+                         f"checkpoint of a model with the same sizes?")
+    return report
+
+
+def _encoder_frozen(module) -> bool:
+    cfg = getattr(module, "cfg", None)
+    return bool(cfg is not None and cfg.encoder.pretrained and cfg.encoder.freeze)
+
+
+def _looks_like_lavis(path: Path) -> bool:
+    try:
+        keys = read_state_dict(path).keys()
+    except ValueError:
+        return False
+    return any(k.startswith(("Qformer.", "visual_encoder.")) for k in keys)

@@ -1,0 +1,243 @@
+"""Typed configuration schema.
+
+Every YAML file under ``conf/`` is validated against these dataclasses (registered in Hydra's
+ConfigStore as the schema of the primary config), so a misspelt key or a value of the wrong type
+fails at composition time. Group choices that Hydra cannot check (the ``name`` fields) are checked
+by :func:`validate`, which names the valid values.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class EncoderConfig:
+    """The frozen image encoder (open_clip)."""
+
+    name: str = MISSING  # eva | clip | tiny_eva | tiny_clip
+    model_name: str = MISSING  # open_clip architecture, e.g. EVA01-g-14
+    pretrained: Optional[str] = None  # open_clip tag, a local file, or null for random init
+    image_size: int = 224
+    drop_last_blocks: int = 1  # BLIP-2 takes the output of the second-to-last block
+    precision: str = "fp32"  # fp32 | fp16 | bf16 (weights and compute of the frozen ViT)
+    freeze: bool = True
+
+
+@dataclass
+class QFormerConfig:
+    """Q-Former (BERT with cross-attention) and its heads."""
+
+    bert: Optional[str] = "bert-base-uncased"  # hub id or local dir for init; null = random init
+    tokenizer: Optional[str] = None  # hub id / local dir; null = same as bert, or built locally
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    cross_attention_frequency: int = 2
+    num_query_tokens: int = 32
+    embed_dim: int = 256  # ITC projection size
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    temp_init: float = 0.07
+    # LAVIS never clamps the temperature (null). [0.001, 0.5] keeps it in a sane range.
+    temp_clamp: Optional[list[float]] = None
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class OptimConfig:
+    """AdamW + linear warmup + cosine decay, stepped per optimizer step."""
+
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_start_lr: float = 1e-6
+    warmup_steps: int = 5000
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+
+
+@dataclass
+class StageConfig:
+    """What is trained: stage 1 (ITC + ITM + ITG) or stage 2 (LM through a frozen LLM)."""
+
+    name: int = 1
+    itc_weight: float = 1.0
+    itm_weight: float = 1.0
+    itg_weight: float = 1.0
+    label_smoothing: float = 0.1
+    max_text_len: int = 32  # training captions
+    max_eval_text_len: int = 35  # retrieval evaluation captions
+
+
+@dataclass
+class SyntheticConfig:
+    """Synthetic shards written by data_recipes/synthetic.py on first use."""
+
+    cache_dir: str = "${cache_dir}/synthetic"
+    num_train: int = 4000
+    num_val: int = 100
+    samples_per_shard: int = 500
+    image_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """webdataset shards (img2dataset layout) or the embedded synthetic set."""
+
+    name: str = "webdataset"  # webdataset | synthetic
+    train_shards: Optional[str] = None  # brace-expanded URL(s) or a directory of .tar files
+    val_shards: Optional[str] = None
+    batch_size: int = 32  # per device
+    global_batch_size: Optional[int] = None  # when set: batch_size = global / (devices x nodes)
+    eval_batch_size: int = 64
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    resampled: bool = True
+    samples_per_epoch: int = 100_000  # with_epoch length (resampled shards have no natural end)
+    max_words: int = 50
+    max_skipped_fraction: float = 0.1  # stop when more than this fraction of samples is bad
+    train_augment: bool = True
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class TrainerConfig:
+    """Passed (mostly) straight to lightning.Trainer."""
+
+    name: str = "default"  # default | cpu | gpu | ddp | fsdp
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | fsdp
+    precision: Optional[str] = None  # null: bf16-mixed on GPU, 32-true on CPU
+    max_steps: int = 1000
+    val_check_interval: Optional[int] = None  # steps between validations (null: at the end only)
+    log_every_n_steps: int = 10
+    gradient_clip_val: Optional[float] = None
+    accumulate_grad_batches: int = 1
+    compile: bool = False
+    deterministic: bool = False
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "csv"  # csv | tensorboard | wandb | none
+    project: str = "blip2_train"
+    offline: bool = True  # wandb: offline unless WANDB_MODE or an API key says otherwise
+
+
+@dataclass
+class RetrievalConfig:
+    k_test: int = 128
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: Optional[int] = None
+    save_last: bool = True
+
+
+@dataclass
+class LLMConfig:
+    """Frozen language model of stage 2 (filled in by the llm group)."""
+
+    name: str = "none"  # opt | flant5 | tiny_opt | tiny_t5 | none
+    kind: str = "none"  # decoder | encoder_decoder
+    model: Optional[str] = None  # hub id or local dir
+    precision: str = "bf16"
+    force_fp16: bool = False
+    dropout_in_train: bool = False  # LAVIS leaves the frozen LLM's dropout on (true)
+    max_text_len: int = 32
+    prompt: str = ""
+    tiny: dict = field(default_factory=dict)  # sizes of a randomly initialised tiny model
+
+
+@dataclass
+class GenerationConfig:
+    num_beams: int = 5
+    max_new_tokens: int = 30
+    min_new_tokens: int = 8
+    prompt: str = "a photo of"
+    length_penalty: float = 1.0
+
+
+@dataclass
+class Blip2Config:
+    """The primary config: ``conf/config.yaml`` composes onto this."""
+
+    stage: StageConfig = field(default_factory=StageConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    run_dir: str = "runs/${now:%Y-%m-%d_%H-%M-%S}"
+    init_from: Optional[str] = None
+    seed: int = 42
+    cache_dir: str = "${oc.env:BLIP2_CACHE,.cache}"  # synthetic shards, tiny tokenizers
+    experiment_name: str = "default"
+
+
+#: The Hydra config tree (override with BLIP2_CONF_DIR for an installed copy elsewhere).
+CONF_DIR = Path(os.environ.get("BLIP2_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
+
+VALID = {
+    "encoder.name": ("eva", "clip", "tiny_eva", "tiny_clip"),
+    "encoder.precision": ("fp32", "fp16", "bf16"),
+    "stage.name": (1, 2),
+    "data.name": ("webdataset", "synthetic"),
+    "trainer.name": ("default", "cpu", "gpu", "ddp", "fsdp"),
+    "trainer.strategy": ("auto", "ddp", "fsdp"),
+    "logger.name": ("csv", "tensorboard", "wandb", "none"),
+    "llm.name": ("none", "opt", "flant5", "tiny_opt", "tiny_t5"),
+    "llm.precision": ("fp32", "fp16", "bf16"),
+}
+
+
+def register_configs() -> None:
+    """Register the schema so that conf/config.yaml is type-checked on composition."""
+    cs = ConfigStore.instance()
+    cs.store(name="blip2_schema", node=Blip2Config)
+
+
+def validate(cfg) -> None:
+    """Check choices Hydra cannot check by type; raise ValueError naming the valid ones."""
+    from omegaconf import OmegaConf
+
+    for key, valid in VALID.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in valid:
+            raise ValueError(
+                f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, valid))}"
+            )
+    if cfg.stage.name == 2 and cfg.llm.name == "none":
+        raise ValueError("stage=2 needs an LLM: add llm=opt, llm=flant5, llm=tiny_opt or llm=tiny_t5")
+    if cfg.data.name == "webdataset" and not cfg.data.train_shards and cfg.trainer.max_steps > 0:
+        raise ValueError(
+            "data=webdataset needs data.train_shards (a directory of .tar shards or a brace URL such "
+            "as 'data.train_shards=\"dir/{00000..00007}.tar\"'); or use data=synthetic"
+        )
+    if cfg.qformer.num_query_tokens < 1:
+        raise ValueError(f"qformer.num_query_tokens must be >= 1, got {cfg.qformer.num_query_tokens}")
+    if cfg.llm.kind == "encoder_decoder" and cfg.llm.precision == "fp16" and not cfg.llm.force_fp16:
+        raise ValueError(
+            "T5 overflows in fp16: use llm.precision=bf16 (default) or fp32, or set llm.force_fp16=true"
+        )

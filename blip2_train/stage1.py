@@ -1,0 +1,176 @@
+"""Stage 1: image-text contrastive, matching and generation losses (BLIP2_FACTS.md section 2)."""
+
+from __future__ import annotations
+
+import torch
+
+from blip2_train.base import Blip2Base
+from blip2_train.losses import (
+    gather_no_grad,
+    gather_with_grad,
+    hard_negative_indices,
+    itc_loss,
+    itc_similarities,
+    itg_loss,
+    itm_loss,
+    positive_mask,
+)
+from blip2_train.models.qformer import itg_mask
+from blip2_train.retrieval import retrieval_metrics
+
+
+class Stage1Module(Blip2Base):
+    """Encoder (frozen) + Q-Former trained with ITC + ITM + ITG."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.dec_token_id = self.tokenizer.convert_tokens_to_ids("[DEC]")
+        self._val_outputs: list[dict] = []
+        self.itm_generator: torch.Generator | None = None  # set by tests for reproducible sampling
+
+    def text_collates(self):
+        """Tokenisation for the loaders: 32 tokens for training, 35 for retrieval evaluation."""
+        from blip2_train.data.text import QFormerTextCollate
+
+        return (QFormerTextCollate(self.tokenizer, self.cfg.stage.max_text_len),
+                QFormerTextCollate(self.tokenizer, self.cfg.stage.max_eval_text_len))
+
+    # ---------------------------------------------------------------------------------- train
+    def _pad_for_gather(self, input_ids, attention_mask):
+        """Equal text lengths on every rank, so token ids can be gathered for ITM negatives."""
+        if self.trainer is None or self.trainer.world_size == 1:
+            return input_ids, attention_mask
+        pad = self.cfg.stage.max_text_len - input_ids.shape[1]
+        if pad > 0:
+            input_ids = torch.nn.functional.pad(input_ids, (0, pad), value=self.tokenizer.pad_token_id)
+            attention_mask = torch.nn.functional.pad(attention_mask, (0, pad), value=0)
+        return input_ids, attention_mask
+
+    def stage1_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The three losses of one batch; features are gathered over ranks for ITC and ITM."""
+        input_ids, text_mask = self._pad_for_gather(batch["input_ids"], batch["attention_mask"])
+        image_ids = batch["image_id"]
+        model, num_queries = self.model, self.model.num_query_tokens
+        batch_size = input_ids.shape[0]
+        with torch.no_grad():
+            vision_tokens = self.encoder(batch["image"])  # [B, N, W], frozen
+        image_embeds = model.encode_image(vision_tokens)  # [B, N, W] fp32, ln_vision trains
+
+        # One pass [queries; [DEC] text] under the ITG mask: its query outputs are the
+        # query-only pass (queries never see text), so ITC's image side comes from it too.
+        dec_ids = input_ids.clone()
+        dec_ids[:, 0] = self.dec_token_id
+        hidden = model.joint_forward(image_embeds, dec_ids, itg_mask(text_mask, num_queries))
+        image_feats = model.image_features(hidden[:, :num_queries])  # [B, Q, D]
+        text_feats = model.text_features(model.text_forward(input_ids, text_mask))  # [B, D]
+
+        # ---- ITC over the global batch
+        image_feats_all = gather_with_grad(image_feats)  # [N, Q, D]
+        text_feats_all = gather_with_grad(text_feats)  # [N, D]
+        image_ids_all = gather_no_grad(image_ids)  # [N]
+        sim_i2t, sim_t2i = itc_similarities(image_feats, text_feats_all, text_feats, image_feats_all)
+        positives = positive_mask(image_ids, image_ids_all)  # [B, N]
+        temperature = model.temperature
+        loss_itc = itc_loss(sim_i2t, sim_t2i, temperature, positives, self.cfg.stage.label_smoothing)
+
+        # ---- ITM with hard negatives sampled over the global batch
+        image_embeds_all = gather_with_grad(image_embeds)  # [N, Nv, W]
+        input_ids_all, text_mask_all = gather_no_grad(input_ids), gather_no_grad(text_mask)
+        with torch.no_grad():
+            scale = temperature.detach()
+            neg_image, valid_image = hard_negative_indices(sim_t2i.detach() / scale, positives,
+                                                           self.itm_generator)
+            neg_text, valid_text = hard_negative_indices(sim_i2t.detach() / scale, positives,
+                                                         self.itm_generator)
+        itm_ids = torch.cat([input_ids, input_ids, input_ids_all[neg_text]])
+        itm_text_mask = torch.cat([text_mask, text_mask, text_mask_all[neg_text]])
+        itm_images = torch.cat([image_embeds, image_embeds_all[neg_image], image_embeds])
+        itm_logits = model.itm_logits(itm_images, itm_ids, itm_text_mask)  # [3B, 2]
+        weights = torch.cat([torch.ones_like(valid_image, dtype=torch.float),
+                             valid_image.float(), valid_text.float()])
+        loss_itm = itm_loss(itm_logits, batch_size, weights)
+
+        # ---- ITG: the text positions of the joint pass
+        lm_logits = model.lm_head(hidden[:, num_queries:])  # [B, T, V]
+        loss_itg = itg_loss(lm_logits, dec_ids, text_mask, self.cfg.stage.label_smoothing)
+
+        stage = self.cfg.stage
+        loss = stage.itc_weight * loss_itc + stage.itm_weight * loss_itm + stage.itg_weight * loss_itg
+        return {"loss": loss, "itc": loss_itc, "itm": loss_itm, "itg": loss_itg}
+
+    def training_step(self, batch: dict, batch_idx: int):
+        self.count_samples(batch)
+        losses = self.stage1_losses(batch)
+        batch_size = batch["image"].shape[0]
+        for name, value in losses.items():
+            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch_size)
+        self.log("train/temp", self.model.temperature.detach(), batch_size=batch_size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
+        self.check_skipped_fraction()
+        return losses["loss"]
+
+    # ----------------------------------------------------------------------------- validation
+    def on_validation_epoch_start(self) -> None:
+        self._val_outputs = []
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        image_embeds = self.model.encode_image(self.encoder(batch["image"]))
+        image_feats = self.model.image_features(self.model.query_forward(image_embeds))
+        text_feats = self.model.text_features(self.model.text_forward(batch["input_ids"],
+                                                                      batch["attention_mask"]))
+        self._val_outputs.append({
+            "image_embeds": image_embeds.cpu(), "image_feats": image_feats.cpu(),
+            "text_feats": text_feats.cpu(), "input_ids": batch["input_ids"].cpu(),
+            "attention_mask": batch["attention_mask"].cpu(), "image_id": batch["image_id"].cpu(),
+        })
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_outputs:
+            return
+        metrics = self.compute_retrieval(self._val_outputs)
+        self._val_outputs = []
+        for name, value in metrics.items():
+            self.log(name, value, sync_dist=False, rank_zero_only=False)
+
+    @torch.no_grad()
+    def compute_retrieval(self, outputs: list[dict]) -> dict[str, float]:
+        """ITC ranking of every pair, then ITM re-ranking of the top ``retrieval.k_test``."""
+        max_len = max(o["input_ids"].shape[1] for o in outputs)
+        pad_id = self.tokenizer.pad_token_id
+
+        def padded(key, value):
+            return torch.cat([torch.nn.functional.pad(o[key], (0, max_len - o[key].shape[1]), value=value)
+                              for o in outputs])
+
+        input_ids, text_mask = padded("input_ids", pad_id), padded("attention_mask", 0)
+        text_feats = torch.cat([o["text_feats"] for o in outputs])
+        text_image_ids = torch.cat([o["image_id"] for o in outputs])
+        # one row per image: samples that share an image_id show the same image
+        _, first = _first_occurrence(text_image_ids)
+        image_feats = torch.cat([o["image_feats"] for o in outputs])[first]
+        image_embeds = torch.cat([o["image_embeds"] for o in outputs])[first]
+        relevant = text_image_ids[first][:, None] == text_image_ids[None, :]  # [Ni, Nt]
+        sim_i2t = torch.einsum("iqd,td->itq", image_feats.float(), text_feats.float()).amax(-1)
+
+        device, chunk = self.device, self.cfg.data.eval_batch_size
+
+        def pair_scores(image_index: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:
+            scores = []
+            for start in range(0, image_index.numel(), chunk):
+                i, t = image_index[start:start + chunk], text_index[start:start + chunk]
+                logits = self.model.itm_logits(image_embeds[i].to(device), input_ids[t].to(device),
+                                               text_mask[t].to(device))
+                scores.append(logits[:, 1].float().cpu())
+            return torch.cat(scores)
+
+        return retrieval_metrics(sim_i2t, relevant, self.cfg.retrieval.k_test, pair_scores)
+
+
+def _first_occurrence(ids: torch.Tensor):
+    """Unique values of ``ids`` and the index of the first sample holding each, in input order."""
+    unique, inverse = ids.unique(return_inverse=True)
+    positions = torch.arange(ids.numel())
+    first = torch.full((unique.numel(),), ids.numel(), dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, positions, reduce="amin")
+    return unique, first.sort().values
