@@ -6,10 +6,12 @@ and a tiny Q-Former on synthetic shards, on CPU, in a few minutes.
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from blip2_train.config import CONF_DIR, register_configs
+from blip2_train.config import CONF_DIR, normalize_overrides, register_configs
 
 register_configs()
 
@@ -22,4 +24,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = normalize_overrides(sys.argv[1:])
     main()

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import subprocess
+import threading
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 VAL_PREFIXES = ("itc/", "itm/", "val/", "cider", "bleu4")
+log = logging.getLogger(__name__)
 
 
 class AtomicLastCheckpoint(Callback):
@@ -40,10 +45,28 @@ class AtomicLastCheckpoint(Callback):
         self._saved_step = trainer.global_step
         return final
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # SIGUSR1 is what SLURM sends before a time limit (--signal): save, then requeue.
+        self._requeue = False
+        if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGUSR1"):
+            signal.signal(signal.SIGUSR1, self._on_sigusr1)
+
+    def _on_sigusr1(self, signum, frame) -> None:
+        log.info("SIGUSR1: checkpointing at the end of this step, then requeueing")
+        self._requeue = True
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._saved_step:
+        stopping = self._requeue or getattr(trainer, "received_sigterm", False)
+        periodic = self.every_n_steps and step % self.every_n_steps == 0
+        if (periodic or stopping) and step != self._saved_step:
             self.save(trainer)
+        if stopping:
+            log.info("stopping at step %d after a signal; last.ckpt is up to date", step)
+            trainer.should_stop = True
+            job = os.environ.get("SLURM_JOB_ID")
+            if self._requeue and job and trainer.is_global_zero:
+                subprocess.run(["scontrol", "requeue", job], check=False)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.global_step != self._saved_step:

@@ -96,3 +96,30 @@ def _looks_like_lavis(path: Path) -> bool:
     except ValueError:
         return False
     return any(k.startswith(("Qformer.", "visual_encoder.")) for k in keys)
+
+
+def config_from_checkpoint(ckpt_path: str | Path, overrides: list[str] = ()):
+    """The resolved training config stored in a checkpoint, with dotlist overrides applied."""
+    from omegaconf import OmegaConf
+
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    try:
+        stored = ckpt["hyper_parameters"]["cfg"]
+    except KeyError as err:
+        raise ValueError(f"{ckpt_path} has no stored config: is it a blip2_train checkpoint?") from err
+    cfg = OmegaConf.merge(OmegaConf.create(stored), OmegaConf.from_dotlist(list(overrides)))
+    return cfg, ckpt
+
+
+def module_from_checkpoint(ckpt_path: str | Path, overrides: list[str] = ()):
+    """Rebuild the LightningModule a checkpoint was written by and load its weights (exactly)."""
+    from blip2_train.train import build_module
+
+    cfg, ckpt = config_from_checkpoint(ckpt_path, overrides)
+    module = build_module(cfg)
+    result = module.load_state_dict(ckpt["state_dict"], strict=False)
+    missing = [k for k in result.missing_keys if not (k.startswith("encoder.") and module.encoder_is_rebuildable())]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{ckpt_path} does not fit the model its config builds: missing {missing[:10]}, "
+                         f"unexpected {result.unexpected_keys[:10]}")
+    return module.eval(), cfg

@@ -212,6 +212,17 @@ VALID = {
 }
 
 
+def normalize_overrides(args: list[str]) -> list[str]:
+    """``stage=1`` -> ``stage='1'``: Hydra parses a bare 1 as an int, which a group choice cannot be."""
+    out = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+~") == "stage" and value and all(v.strip().isdigit() for v in value.split(",")):
+            value = ",".join(f"'{v.strip()}'" for v in value.split(","))
+        out.append(f"{key}{sep}{value}" if sep else arg)
+    return out
+
+
 def register_configs() -> None:
     """Register the schema so that conf/config.yaml is type-checked on composition."""
     cs = ConfigStore.instance()

@@ -1,0 +1,28 @@
+"""LAVIS's image transforms with CLIP's normalisation (BLIP2_FACTS.md section 4)."""
+
+from __future__ import annotations
+
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def train_transform(size: int) -> T.Compose:
+    """RandomResizedCrop(scale 0.5-1, bicubic) + horizontal flip."""
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(CLIP_MEAN, CLIP_STD),
+    ])
+
+
+def eval_transform(size: int) -> T.Compose:
+    """Plain bicubic resize to size x size, no crop."""
+    return T.Compose([
+        T.Resize((size, size), interpolation=InterpolationMode.BICUBIC),
+        T.ToTensor(),
+        T.Normalize(CLIP_MEAN, CLIP_STD),
+    ])

@@ -1,0 +1,63 @@
+"""Evaluate a checkpoint on validation shards.
+
+    python -m blip2_train.evaluate ckpt_path=CKPT data.val_shards=URL output=FILE.json [key=value ...]
+
+Stage 1: zero-shot retrieval (ITC, then ITM re-ranking of the top ``retrieval.k_test``), the same
+metric names as training's metrics.json. Stage 2: LM loss and captioning metrics, plus every
+generated caption under ``predictions``. Overrides are dotted keys of the training config that the
+checkpoint carries (for example ``retrieval.k_test=16`` or ``generation.num_beams=1``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+
+
+def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
+    own, overrides = {}, []
+    for arg in argv:
+        if "=" not in arg:
+            raise SystemExit(f"arguments are key=value pairs, got {arg!r}\n{__doc__}")
+        key, value = arg.split("=", 1)
+        if key in ("ckpt_path", "output"):
+            own[key] = value
+        else:
+            overrides.append(arg)
+    if "ckpt_path" not in own:
+        raise SystemExit(f"ckpt_path=CKPT is required\n{__doc__}")
+    return own, overrides
+
+
+def evaluate(ckpt_path: str, overrides: list[str] = (), output: str | None = None) -> dict:
+    from blip2_train.checkpoint_io import module_from_checkpoint
+    from blip2_train.train import build_datamodule, resolve_precision
+
+    module, cfg = module_from_checkpoint(ckpt_path, list(overrides))
+    if not cfg.data.val_shards and cfg.data.name != "synthetic":
+        raise SystemExit("data.val_shards=URL is required (a directory of .tar shards or a brace URL)")
+    trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=resolve_precision(cfg),
+                        logger=False, enable_progress_bar=True, enable_checkpointing=False)
+    datamodule = build_datamodule(cfg, module)
+    (metrics,) = trainer.validate(module, datamodule=datamodule, verbose=False)
+    result = {"metrics": {k: float(v) for k, v in sorted(metrics.items())}}
+    predictions = getattr(module, "predictions", None)
+    if predictions:
+        result["predictions"] = dict(predictions)
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    own, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    result = evaluate(own["ckpt_path"], overrides, own.get("output"))
+    print(json.dumps(result["metrics"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

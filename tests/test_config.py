@@ -1,0 +1,112 @@
+"""Every shipped config composes; wrong keys and values fail with the valid choices named."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from blip2_train.config import CONF_DIR, normalize_overrides, register_configs, validate
+
+register_configs()
+
+
+def make(*overrides):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=normalize_overrides(list(overrides)))
+
+
+def choices(group):
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+
+
+def test_default_is_the_smoke_experiment():
+    default, smoke = make(), make("experiment=smoke")
+    for cfg in (default, smoke):
+        cfg.run_dir = "x"
+        cfg.experiment_name = "smoke"
+    assert OmegaConf.to_container(default, resolve=True) == OmegaConf.to_container(smoke, resolve=True)
+    assert default.stage.name == 1 and default.encoder.name == "tiny_eva" and default.data.name == "synthetic"
+    assert default.qformer.hidden_size == 128 and default.optim.lr == 1e-3  # tiny preset's optimizer
+
+
+@pytest.mark.parametrize("group", ["encoder", "data", "trainer", "logger", "experiment", "stage", "llm"])
+def test_every_preset_composes_and_validates(group):
+    options = choices(group)
+    assert options, f"no presets in conf/{group}"
+    for option in options:
+        extra = []
+        if group == "stage" and option == "2":
+            extra = ["llm=tiny_opt"]
+        if group == "llm" and option != "none":
+            extra = ["stage=2"]
+        cfg = make(f"{group}={option}", *extra)
+        if cfg.data.name == "webdataset":
+            cfg.data.train_shards = "/data/shards"
+        validate(cfg)
+
+
+def test_real_encoders_pull_the_bert_base_qformer_and_lavis_optimizer():
+    cfg = make("stage=1", "encoder=eva")
+    assert cfg.encoder.model_name == "EVA01-g-14" and cfg.qformer.hidden_size == 768
+    assert cfg.qformer.bert == "bert-base-uncased" and cfg.optim.lr == 1e-4 and cfg.optim.warmup_steps == 5000
+    assert make("encoder=clip").encoder.model_name == "ViT-L-14"
+
+
+def test_paper_recipes():
+    g = make("experiment=blip2_vitg_stage1")
+    assert g.encoder.name == "eva" and g.data.global_batch_size == 1680 and g.trainer.max_steps == 250000
+    assert g.optim.lr == 1e-4 and g.optim.min_lr == 1e-5 and g.optim.warmup_start_lr == 1e-6
+    assert g.optim.weight_decay == 0.05 and list(g.optim.betas) == [0.9, 0.98]
+    assert make("experiment=blip2_vitl_stage1").data.global_batch_size == 2320
+
+
+def test_global_batch_is_split_over_devices():
+    from blip2_train.train import per_device_batch
+
+    cfg = make("experiment=blip2_vitg_stage1")
+    assert per_device_batch(cfg, 16) == 105
+    with pytest.raises(ValueError, match="does not split over 11 devices"):
+        per_device_batch(cfg, 11)
+
+
+def test_misspelt_key_fails_at_composition():
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)) as err:
+        make("trainer.max_stepz=3")
+    assert "max_stepz" in str(err.value) or "max_stepz" in str(err.value.__cause__)
+
+
+def test_wrong_type_fails_at_composition():
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        make("trainer.max_steps=many")
+
+
+def test_unknown_group_value_names_the_valid_ones():
+    with pytest.raises(ConfigCompositionException) as err:
+        make("encoder=evaa")
+    message = str(err.value)
+    assert "tiny_eva" in message and "clip" in message
+
+
+def test_unknown_value_of_a_checked_field_names_the_valid_ones():
+    cfg = make("logger.name=mlflow")
+    with pytest.raises(ValueError, match="csv, tensorboard, wandb, none"):
+        validate(cfg)
+
+
+def test_webdataset_without_shards_is_a_clear_error():
+    cfg = make("data=webdataset")
+    with pytest.raises(ValueError, match="data.train_shards"):
+        validate(cfg)
+
+
+def test_stage2_without_llm_is_a_clear_error():
+    with pytest.raises(ValueError, match="llm=opt"):
+        validate(make("stage=2"))
+
+
+def test_stage_given_as_a_number_is_a_group_choice():
+    assert normalize_overrides(["stage=2", "stage=1,2", "encoder=eva"]) == ["stage='2'", "stage='1','2'",
+                                                                           "encoder=eva"]

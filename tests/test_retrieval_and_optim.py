@@ -1,0 +1,83 @@
+"""Recall@k with image_id grouping, ITM re-ranking, parameter groups and the lr schedule."""
+
+import math
+
+import torch
+from torch import nn
+
+from blip2_train.optim import build_optimizer, lr_at, param_groups
+from blip2_train.retrieval import recall_at_k, rerank_with_itm, retrieval_metrics
+
+
+def test_recall_counts_any_caption_of_the_image():
+    # 2 images, 4 captions: image 0 owns captions 0, 1; image 1 owns 2, 3
+    relevant = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.0], [0.8, 0.0, 0.1, 0.2]])
+    r = recall_at_k(scores, relevant, ks=(1, 2))
+    assert r["txt_r1"] == 0.5  # image 0 hits caption 1; image 1 ranks caption 0 first
+    assert r["txt_r2"] == 1.0  # image 1 ranks caption 0, then its own caption 3
+    # captions -> images: c0 ranks image 1 first (miss), c1 image 0 (hit), c2 image 0 (miss), c3 image 1 (hit)
+    assert r["img_r1"] == 0.5
+    assert r["img_r2"] == 1.0
+
+
+def test_rerank_scores_topk_pairs_once_and_fills_the_rest():
+    sim = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.8, 0.3]])
+    calls = []
+
+    def itm(img, txt):
+        calls.append(len(img))
+        return (img * 10 + txt).float()
+
+    i2t, t2i = rerank_with_itm(sim, k=1, pair_scores=itm)
+    assert i2t[0, 0] == 0.9 + 0 and i2t[1, 1] == 0.8 + 11
+    assert (i2t == -100).sum() == 4
+    # texts 0, 1, 2 pick images 0, 1, 0: pairs (0,0) and (1,1) are shared with i2t
+    assert t2i[0, 2] == 0.5 + 2
+    assert sum(calls) == 3
+
+
+def test_retrieval_metrics_names():
+    sim = torch.eye(5) + 0.01 * torch.randn(5, 5)
+    relevant = torch.eye(5, dtype=torch.bool)
+    m = retrieval_metrics(sim, relevant, 3, lambda i, t: torch.zeros(len(i)))
+    assert m["itc/txt_r1"] == 1.0 and m["itm/img_r1"] == 1.0
+    assert {"itc/txt_r5", "itc/img_r10", "itm/txt_r10"} <= set(m)
+
+
+def test_lr_warmup_then_cosine():
+    assert lr_at(0, 10, 110, 1e-4, 1e-5, 1e-6) == 1e-6
+    assert math.isclose(lr_at(5, 10, 110, 1e-4, 1e-5, 1e-6), 1e-6 + (1e-4 - 1e-6) / 2)
+    assert math.isclose(lr_at(10, 10, 110, 1e-4, 1e-5, 1e-6), 1e-4)
+    assert math.isclose(lr_at(60, 10, 110, 1e-4, 1e-5, 1e-6), 1e-5 + (1e-4 - 1e-5) / 2)
+    assert math.isclose(lr_at(110, 10, 110, 1e-4, 1e-5, 1e-6), 1e-5)
+
+
+def test_no_weight_decay_on_biases_and_1d_params():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    model.register_parameter("temp", nn.Parameter(torch.tensor(0.07)))
+    frozen = nn.Linear(4, 4)
+    frozen.requires_grad_(False)
+    model.add_module("frozen", frozen)
+    decay, no_decay = param_groups(model, 0.05)
+    assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
+    assert len(no_decay["params"]) == 4  # linear bias, LN weight + bias, temp
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+
+
+def test_scheduler_steps_per_optimizer_step():
+    from omegaconf import OmegaConf
+
+    model = nn.Linear(2, 2)
+    cfg = OmegaConf.create(dict(lr=1e-3, min_lr=1e-4, warmup_start_lr=1e-5, warmup_steps=4,
+                                weight_decay=0.05, betas=[0.9, 0.98], eps=1e-8))
+    built = build_optimizer(model, cfg, max_steps=20)
+    opt, sched = built["optimizer"], built["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert math.isclose(lrs[0], 1e-5) and math.isclose(lrs[4], 1e-3)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    assert opt.param_groups[0]["betas"] == (0.9, 0.98)
