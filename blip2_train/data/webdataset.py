@@ -86,7 +86,8 @@ def _decode(transform, max_words: int) -> Callable:
     """Stage: raw tar samples -> {image, caption, image_id, key}; bad samples skipped and counted."""
 
     def stage(samples):
-        global _bad_in_a_row
+        global _bad_in_a_row, _skipped_in_worker
+        _bad_in_a_row = _skipped_in_worker = 0  # a new stream starts clean in this process
         for sample in samples:
             key, url = sample.get("__key__"), sample.get("__url__")
             image_ext = next((e for e in IMAGE_EXTS if e in sample), None)
