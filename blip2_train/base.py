@@ -33,12 +33,16 @@ class Blip2Base(L.LightningModule):
         self.save_hyperparameters({"cfg": OmegaConf.to_container(cfg, resolve=True)})
         self.cfg = cfg
         self.strict_loading = False  # frozen pretrained encoder weights are not stored (see below)
-        cache_dir = str(Path(cfg.cache_dir) / "tokenizers")
-        self.tokenizer = build_qformer_tokenizer(cfg.qformer.tokenizer or cfg.qformer.bert, cache_dir)
+        self.cache_dir = str(Path(cfg.cache_dir) / "tokenizers")
+        query_only = cfg.stage.name == 2  # stage 2 keeps the query path; its weights come from stage 1
+        self.tokenizer = None if query_only else build_qformer_tokenizer(
+            cfg.qformer.tokenizer or cfg.qformer.bert, self.cache_dir)
         self.encoder = build_image_encoder(cfg.encoder)
-        self.model = QFormer(cfg.qformer, vision_width=self.encoder.width, vocab_size=len(self.tokenizer),
-                             pad_token_id=self.tokenizer.pad_token_id)
-        if cfg.qformer.bert:
+        self.model = QFormer(cfg.qformer, vision_width=self.encoder.width,
+                             vocab_size=len(self.tokenizer) if self.tokenizer else 0,
+                             pad_token_id=self.tokenizer.pad_token_id if self.tokenizer else 0,
+                             query_only=query_only)
+        if cfg.qformer.bert and not query_only:
             self.model.load_bert(cfg.qformer.bert)
         self.register_buffer("skipped_samples", torch.zeros((), dtype=torch.long), persistent=True)
         self.register_buffer("seen_samples", torch.zeros((), dtype=torch.long), persistent=True)

@@ -60,6 +60,13 @@ def load_matching(module: nn.Module, state: dict[str, torch.Tensor], skip_prefix
 def format_report(report: dict, source: str, limit: int = 20) -> str:
     lines = [f"init_from {source}: {len(report['matched'])} matched, {len(report['missing'])} missing, "
              f"{len(report['unexpected'])} unexpected, {len(report['mismatched'])} shape mismatches"]
+    groups: dict[str, int] = {}
+    for key in report["matched"]:
+        parts = key.split(".")
+        group = ".".join(parts[:2]) if parts[0] == "model" else parts[0]
+        groups[group] = groups.get(group, 0) + 1
+    if groups:
+        lines.append("  matched: " + ", ".join(f"{g} ({n})" for g, n in sorted(groups.items())))
     for name in ("missing", "unexpected", "mismatched"):
         keys = report[name]
         if keys:
@@ -77,7 +84,10 @@ def load_init(module: nn.Module, path: str | Path) -> dict:
         state = import_external(path, module)
     else:
         state = read_state_dict(path)
-    report = load_matching(module, state, skip_prefixes=("encoder.",) if _encoder_frozen(module) else ())
+    skip = ("encoder.",) if _encoder_frozen(module) else ()
+    if hasattr(module, "llm"):  # the frozen LLM comes from its own weights, never from init_from
+        skip += ("llm.",)
+    report = load_matching(module, state, skip_prefixes=skip)
     print(format_report(report, str(path)), flush=True)
     if not report["matched"]:
         raise ValueError(f"init_from={path}: no parameter name matched this model; is it a blip2_train "

@@ -45,6 +45,14 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         draw.rectangle((cx - r, cy - r / 3, cx + r, cy + r / 3), fill=color)
 
 
+def random_caption(rng: random.Random) -> str:
+    """A caption of the synthetic language without its image (to teach a tiny LLM the language)."""
+    background = rng.choice(list(COLORS))
+    color = rng.choice([c for c in COLORS if c != background])
+    return (f"a {rng.choice(list(SIZES))} {color} {rng.choice(SHAPES)} at the "
+            f"{rng.choice(list(POSITIONS))} on a {background} background")
+
+
 def render_sample(rng: random.Random, size: int) -> tuple[Image.Image, str, dict]:
     """One random image, its caption and the attributes it was drawn from."""
     names = list(COLORS)

@@ -61,7 +61,9 @@ def itm_mask(text_mask: torch.Tensor, num_queries: int) -> torch.Tensor:
 class QFormer(nn.Module):
     """Query tokens + ``ln_vision`` + Q-Former + ITC/ITM/LM heads + temperature."""
 
-    def __init__(self, cfg, vision_width: int, vocab_size: int, pad_token_id: int = 0):
+    def __init__(self, cfg, vision_width: int, vocab_size: int, pad_token_id: int = 0,
+                 query_only: bool = False):
+        """``query_only`` (stage 2) builds the query path alone: no text embeddings, text FFNs or heads."""
         super().__init__()
         self.config = Blip2QFormerConfig(
             vocab_size=vocab_size,
@@ -77,7 +79,7 @@ class QFormer(nn.Module):
             pad_token_id=pad_token_id,
             cross_attention_frequency=cfg.cross_attention_frequency,
             encoder_hidden_size=vision_width,
-            use_qformer_text_input=True,
+            use_qformer_text_input=not query_only,
         )
         self.config._attn_implementation = "sdpa"
         self.num_query_tokens = cfg.num_query_tokens
@@ -86,15 +88,19 @@ class QFormer(nn.Module):
 
         self.ln_vision = nn.LayerNorm(vision_width)
         self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_tokens, width))
-        self.embeddings = Blip2TextEmbeddings(self.config)
         self.qformer = Blip2QFormerModel(self.config)
-        self.vision_projection = nn.Linear(width, cfg.embed_dim)
-        self.text_projection = nn.Linear(width, cfg.embed_dim)
-        self.itm_head = nn.Linear(width, 2)
-        self.lm_head = LMHead(width, vocab_size, cfg.layer_norm_eps)
-        self.temp = nn.Parameter(torch.tensor(float(cfg.temp_init)))
-        self._init_weights(cfg.initializer_range)
-        self.lm_head.decoder.weight = self.embeddings.word_embeddings.weight  # tied, as in BERT
+        self.query_only = query_only
+        if not query_only:
+            self.embeddings = Blip2TextEmbeddings(self.config)
+            self.vision_projection = nn.Linear(width, cfg.embed_dim)
+            self.text_projection = nn.Linear(width, cfg.embed_dim)
+            self.itm_head = nn.Linear(width, 2)
+            self.lm_head = LMHead(width, vocab_size, cfg.layer_norm_eps)
+            self.temp = nn.Parameter(torch.tensor(float(cfg.temp_init)))
+            self._init_weights(cfg.initializer_range)
+            self.lm_head.decoder.weight = self.embeddings.word_embeddings.weight  # tied, as in BERT
+        else:
+            nn.init.normal_(self.query_tokens, std=cfg.initializer_range)
         if cfg.gradient_checkpointing:
             self.qformer.gradient_checkpointing_enable()
 

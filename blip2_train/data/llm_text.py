@@ -1,0 +1,74 @@
+"""Stage-2 text: LLM tokenisation with label masking (decoder-only) and the prefix split (T5)."""
+
+from __future__ import annotations
+
+import random
+import zlib
+
+import torch
+
+
+class DecoderOnlyCollate:
+    """OPT: text = prompt + caption + "\\n"; right padding to the longest in the batch.
+
+    labels are -100 on the prompt (BOS included) and on padding; the caption and the "\\n" end
+    token are targets. The visual prompts go in front later, with labels -100 too.
+    """
+
+    def __init__(self, tokenizer, prompt: str, max_len: int):
+        self.tokenizer = tokenizer
+        self.prompt = prompt
+        self.max_len = max_len
+        self.prompt_len = len(tokenizer(prompt)["input_ids"])  # BOS + prompt tokens
+
+    def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        texts = [self.prompt + c + "\n" for c in captions]
+        self.tokenizer.padding_side = "right"
+        enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_len,
+                             return_tensors="pt")
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        labels[:, : self.prompt_len] = -100
+        return {"llm_input_ids": enc["input_ids"], "llm_attention_mask": enc["attention_mask"],
+                "llm_labels": labels}
+
+
+def prefix_split(caption: str, rng: random.Random) -> tuple[str, str]:
+    """Split at a random word index in [1, middle]: (prefix, suffix); one-word captions keep it all."""
+    words = caption.split(" ")
+    if len(words) < 2:
+        return "", caption
+    split = rng.randint(1, max(1, len(words) // 2))
+    return " ".join(words[:split]), " ".join(words[split:])
+
+
+class PrefixLMCollate:
+    """FlanT5 prefix language modelling: encoder text = prefix, decoder target = suffix (+ </s>).
+
+    Training draws the split from a seeded generator; evaluation (``deterministic=True``) seeds it
+    from the caption itself, so every validation pass splits each caption the same way.
+    """
+
+    def __init__(self, tokenizer, max_len: int, seed: int = 0, deterministic: bool = False):
+        self.tokenizer = tokenizer
+        self.max_len = max_len
+        self.seed = seed
+        self.deterministic = deterministic
+        self._rng: random.Random | None = None
+
+    def _generator(self, caption: str) -> random.Random:
+        if self.deterministic:
+            return random.Random(zlib.crc32(caption.encode()) ^ self.seed)
+        if self._rng is None:  # one stream per worker process
+            info = torch.utils.data.get_worker_info()
+            self._rng = random.Random(f"{self.seed}-{info.id if info else 0}")
+        return self._rng
+
+    def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        pairs = [prefix_split(c, self._generator(c)) for c in captions]
+        enc = self.tokenizer([p for p, _ in pairs], padding="longest", truncation=True,
+                             max_length=self.max_len, return_tensors="pt")
+        dec = self.tokenizer([s for _, s in pairs], padding="longest", truncation=True,
+                             max_length=self.max_len, return_tensors="pt")
+        labels = dec["input_ids"].masked_fill(dec["attention_mask"] == 0, -100)
+        return {"llm_input_ids": enc["input_ids"], "llm_attention_mask": enc["attention_mask"],
+                "llm_labels": labels, "llm_decoder_attention_mask": dec["attention_mask"]}

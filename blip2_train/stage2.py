@@ -1,0 +1,148 @@
+"""Stage 2: the Q-Former's query outputs as soft visual prompts of a frozen LLM (BLIP2_FACTS s.3).
+
+Decoder-only (OPT): [visual prompts; BOS + prompt + caption + "\\n"], plain causal LM loss on the
+caption and its "\\n". Encoder-decoder (FlanT5): prefix LM, encoder [visual prompts; prefix],
+decoder target = suffix.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from blip2_train.base import Blip2Base
+from blip2_train.models.llm import build_llm
+
+
+class Stage2Module(Blip2Base):
+    """Frozen encoder -> Q-Former (query path) -> language_projection -> frozen LLM."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.llm, self.llm_tokenizer = build_llm(cfg.llm, self.cache_dir)
+        self.decoder_only = cfg.llm.kind == "decoder"
+        llm_width = self.llm.model.get_input_embeddings().embedding_dim
+        self.language_projection = nn.Linear(cfg.qformer.hidden_size, llm_width)
+        if self.decoder_only:  # "\n" ends a caption (LAVIS)
+            self.end_token_id = self.llm_tokenizer("\n", add_special_tokens=False)["input_ids"][-1]
+        else:
+            self.end_token_id = self.llm_tokenizer.eos_token_id
+        self.predictions: dict[str, str] = {}
+        self._val: dict = {}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if not self.cfg.llm.name.startswith("tiny"):  # the frozen LLM is rebuilt from its weights
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith("llm.")]:
+                del state[key]
+
+    def text_collates(self):
+        from blip2_train.data.llm_text import DecoderOnlyCollate, PrefixLMCollate
+
+        tok, max_len = self.llm_tokenizer, self.cfg.llm.max_text_len
+        if self.decoder_only:
+            collate = DecoderOnlyCollate(tok, self.cfg.llm.prompt, max_len)
+            return collate, collate
+        return (PrefixLMCollate(tok, max_len, seed=self.cfg.seed),
+                PrefixLMCollate(tok, max_len, seed=self.cfg.seed, deterministic=True))
+
+    # ------------------------------------------------------------------------------- forward
+    def visual_prompts(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> projected query outputs [B, Q, D_llm]."""
+        with torch.no_grad():
+            vision_tokens = self.encoder(images)
+        query_output = self.model.query_forward(self.model.encode_image(vision_tokens))
+        return self.language_projection(query_output)
+
+    def lm_loss(self, prompts: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Mean CE over target tokens; the Q visual prompts carry label -100 (never targets)."""
+        llm = self.llm.model
+        embed = llm.get_input_embeddings()
+        ids, mask, labels = batch["llm_input_ids"], batch["llm_attention_mask"], batch["llm_labels"]
+        prompts = prompts.to(embed.weight.dtype)
+        visual_mask = torch.ones(prompts.shape[:2], dtype=mask.dtype, device=mask.device)
+        inputs = torch.cat([prompts, embed(ids)], dim=1)  # [B, Q + T, D]
+        attention = torch.cat([visual_mask, mask], dim=1)
+        if self.decoder_only:
+            ignore = torch.full(prompts.shape[:2], -100, dtype=labels.dtype, device=labels.device)
+            out = llm(inputs_embeds=inputs, attention_mask=attention, labels=torch.cat([ignore, labels], 1))
+        else:
+            out = llm(inputs_embeds=inputs, attention_mask=attention, labels=labels,
+                      decoder_attention_mask=batch["llm_decoder_attention_mask"])
+        return out.loss
+
+    @torch.no_grad()
+    def generate(self, images: torch.Tensor, prompts: list[str] | str | None = None, **overrides) -> list[str]:
+        """Captions (or answers) for a batch of images; ``generation.*`` settings, new tokens only."""
+        gen = {**dict(self.cfg.generation), **overrides}
+        batch = images.shape[0]
+        text = gen["prompt"] if prompts is None else prompts
+        texts = [text] * batch if isinstance(text, str) else list(text)
+        visual = self.visual_prompts(images)
+        llm, tok = self.llm.model, self.llm_tokenizer
+        embed = llm.get_input_embeddings()
+        tok.padding_side = "left"
+        enc = tok(texts, padding="longest", return_tensors="pt").to(images.device)
+        inputs = torch.cat([visual.to(embed.weight.dtype), embed(enc["input_ids"])], dim=1)
+        mask = torch.cat([torch.ones(visual.shape[:2], dtype=enc["attention_mask"].dtype, device=images.device),
+                          enc["attention_mask"]], dim=1)
+        if self.decoder_only:  # true left padding: move the pads in front of the visual prompts
+            order = torch.argsort(mask, dim=1, stable=True)
+            inputs = inputs.gather(1, order[..., None].expand_as(inputs))
+            mask = mask.gather(1, order)
+        out = llm.generate(inputs_embeds=inputs, attention_mask=mask, num_beams=gen["num_beams"],
+                           max_new_tokens=gen["max_new_tokens"], min_new_tokens=gen["min_new_tokens"],
+                           length_penalty=gen["length_penalty"], eos_token_id=self.end_token_id,
+                           pad_token_id=tok.pad_token_id, do_sample=False)
+        tok.padding_side = "right"
+        return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
+
+    # ---------------------------------------------------------------------------------- train
+    def training_step(self, batch: dict, batch_idx: int):
+        self.count_samples(batch)
+        loss = self.lm_loss(self.visual_prompts(batch["image"]), batch)
+        size = batch["image"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
+        self.check_skipped_fraction()
+        return loss
+
+    # ----------------------------------------------------------------------------- validation
+    def on_validation_epoch_start(self) -> None:
+        self._val = {"loss": [], "count": [], "refs": defaultdict(list), "preds": {}, "keys": {}}
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        prompts = self.visual_prompts(batch["image"])
+        size = batch["image"].shape[0]
+        self._val["loss"].append(self.lm_loss(prompts, batch).detach() * size)
+        self._val["count"].append(size)
+        image_ids = batch["image_id"].tolist()
+        for image_id, caption in zip(image_ids, batch["caption"]):
+            self._val["refs"][image_id].append(caption)
+        if self.cfg.generation.num_beams > 0:
+            first = {}
+            for i, image_id in enumerate(image_ids):
+                if image_id not in self._val["preds"] and image_id not in first:
+                    first[image_id] = i
+            if first:
+                rows = torch.tensor(list(first.values()), device=batch["image"].device)
+                captions = self.generate(batch["image"][rows])
+                for (image_id, i), caption in zip(first.items(), captions):
+                    self._val["preds"][image_id] = caption
+                    self._val["keys"][image_id] = batch["key"][i]
+
+    def on_validation_epoch_end(self) -> None:
+        from blip2_train.metrics.captioning import caption_metrics
+
+        if not self._val.get("count"):
+            return
+        loss = torch.stack(self._val["loss"]).sum() / sum(self._val["count"])
+        self.log("val/loss", loss, sync_dist=False)
+        if self._val["preds"]:
+            scores = caption_metrics(self._val["preds"], self._val["refs"])
+            self.log("cider", scores["cider"])
+            self.log("bleu4", scores["bleu4"])
+            self.predictions = {self._val["keys"][i]: c for i, c in self._val["preds"].items()}
