@@ -35,9 +35,9 @@ class Blip2Base(L.LightningModule):
         self.strict_loading = False  # frozen pretrained encoder weights are not stored (see below)
         self.cache_dir = str(Path(cfg.cache_dir) / "tokenizers")
         query_only = cfg.stage.name == 2  # stage 2 keeps the query path; its weights come from stage 1
+        self.encoder = build_image_encoder(cfg.encoder)  # first: its missing weights are the usual stop
         self.tokenizer = None if query_only else build_qformer_tokenizer(
             cfg.qformer.tokenizer or cfg.qformer.bert, self.cache_dir)
-        self.encoder = build_image_encoder(cfg.encoder)
         self.model = QFormer(cfg.qformer, vision_width=self.encoder.width,
                              vocab_size=len(self.tokenizer) if self.tokenizer else 0,
                              pad_token_id=self.tokenizer.pad_token_id if self.tokenizer else 0,

@@ -61,7 +61,10 @@ def build_qformer_tokenizer(name_or_path: str | None, cache_dir: str | os.PathLi
         directory.parent.mkdir(parents=True, exist_ok=True)
         return _build_tiny(directory)
     try:
-        tokenizer = BertTokenizerFast.from_pretrained(name_or_path, truncation_side="right")
+        from blip2_train.hub import local_only
+
+        tokenizer = BertTokenizerFast.from_pretrained(name_or_path, truncation_side="right",
+                                                      local_files_only=local_only(name_or_path))
     except OSError as err:
         raise RuntimeError(
             f"Could not load the Q-Former tokenizer {name_or_path!r} ({err.__class__.__name__}). Without "

@@ -175,3 +175,36 @@ def test_stage1_checkpoint_initialises_the_query_path(tmp_path, cache, capsys):
     assert "model.qformer.encoder.layer.0.crossattention.attention.key.weight" in report["matched"]
     assert not [k for k in report["missing"] if k.startswith("model.")]
     assert torch.equal(stage2.model.query_tokens, stage1.model.query_tokens)
+
+
+@pytest.mark.parametrize("llm", ["tiny_opt", "tiny_t5"])
+def test_stage2_run_evaluate_and_generate(llm, tmp_path, cache):
+    """A short stage-2 run writes val/loss, cider, bleu4; evaluate captions every val image."""
+    import json
+
+    from blip2_train.evaluate import evaluate
+    from blip2_train.generate import generate
+    from blip2_train.train import train
+
+    overrides = [f"run_dir={tmp_path / 'run'}", "trainer=cpu", "trainer.max_steps=2",
+                 "trainer.enable_progress_bar=false", "logger=none", "data.batch_size=8", "data.num_workers=0",
+                 "data.synthetic.num_train=32", "data.synthetic.num_val=12", "data.synthetic.samples_per_shard=16",
+                 "data.samples_per_epoch=32", "generation.num_beams=2", "generation.max_new_tokens=8",
+                 "generation.min_new_tokens=2"]
+    metrics = train(cfg_for(llm, cache, *overrides))
+    assert {"val/loss", "cider", "bleu4", "global_step"} <= set(metrics) and metrics["global_step"] == 2
+    assert 0.0 < metrics["val/loss"] < 20.0
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    result = evaluate(str(ckpt), ["generation.num_beams=1"], output=str(tmp_path / "eval.json"))
+    written = json.loads((tmp_path / "eval.json").read_text())
+    assert len(written["predictions"]) == 12 and written["metrics"]["val/loss"] == pytest.approx(
+        metrics["val/loss"], rel=1e-5)
+    assert result["metrics"]["val/loss"] == written["metrics"]["val/loss"]
+    image = next((cache / "synthetic").glob("*/val/*.tar"))
+    import tarfile
+
+    with tarfile.open(image) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".png"))
+        (tmp_path / "x.png").write_bytes(tar.extractfile(member).read())
+    caption = generate(str(ckpt), str(tmp_path / "x.png"), overrides=["generation.num_beams=1"])
+    assert isinstance(caption, str)

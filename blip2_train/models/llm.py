@@ -122,9 +122,15 @@ def _pretrained(llm_cfg, dtype):
     loader = AutoModelForCausalLM if llm_cfg.kind == "decoder" else AutoModelForSeq2SeqLM
     name = llm_cfg.model
     local = os.path.isdir(str(name))
+    if name is None:
+        raise ValueError(f"llm={llm_cfg.name} needs llm.model (a hub id or a local directory)")
     try:
-        tokenizer = _load_tokenizer(name) if local else _hub_or_fail(name, _load_tokenizer)
-        model = loader.from_pretrained(name, dtype=dtype, local_files_only=not _hub_reachable() or local)
+        from transformers import AutoTokenizer
+
+        from blip2_train.hub import local_only
+
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only(name))
+        model = loader.from_pretrained(name, dtype=dtype, local_files_only=local or local_only(name))
     except OSError as err:
         raise RuntimeError(
             f"The LLM {name!r} (llm={llm_cfg.name}) could not be loaded: {err.__class__.__name__}. "
@@ -133,24 +139,6 @@ def _pretrained(llm_cfg, dtype):
             f"and pass llm.model=/models/{Path(str(name)).name}."
         ) from err
     return model, tokenizer
-
-
-def _hub_or_fail(name, load):
-    if _hub_reachable():
-        return load(name)
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(name, local_files_only=True)  # cache or OSError
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    import socket
-
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def pretrain_tiny_llm(model: nn.Module, tokenizer, kind: str, steps: int, cache_dir, seed: int = 0) -> None:

@@ -88,10 +88,11 @@ class QFormer(nn.Module):
 
         self.ln_vision = nn.LayerNorm(vision_width)
         self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_tokens, width))
-        self.qformer = Blip2QFormerModel(self.config)
         self.query_only = query_only
-        if not query_only:
+        if not query_only:  # built before the Q-Former: the order fixes seeded initialisation
             self.embeddings = Blip2TextEmbeddings(self.config)
+        self.qformer = Blip2QFormerModel(self.config)
+        if not query_only:
             self.vision_projection = nn.Linear(width, cfg.embed_dim)
             self.text_projection = nn.Linear(width, cfg.embed_dim)
             self.itm_head = nn.Linear(width, 2)
@@ -175,7 +176,10 @@ class QFormer(nn.Module):
         from transformers import BertForMaskedLM
 
         try:
-            bert = BertForMaskedLM.from_pretrained(bert_name_or_path)
+            from blip2_train.hub import local_only
+
+            bert = BertForMaskedLM.from_pretrained(bert_name_or_path,
+                                                   local_files_only=local_only(bert_name_or_path))
         except OSError as err:
             raise RuntimeError(
                 f"Could not load the BERT checkpoint {bert_name_or_path!r} to initialise the Q-Former "
