@@ -84,7 +84,7 @@ class Stage2Module(Blip2Base):
         visual = self.visual_prompts(images)
         llm, tok = self.llm.model, self.llm_tokenizer
         embed = llm.get_input_embeddings()
-        tok.padding_side = "left"
+        tok.padding_side = "left" if self.decoder_only else "right"  # T5's encoder pads on the right
         enc = tok(texts, padding="longest", return_tensors="pt").to(images.device)
         inputs = torch.cat([visual.to(embed.weight.dtype), embed(enc["input_ids"])], dim=1)
         mask = torch.cat([torch.ones(visual.shape[:2], dtype=enc["attention_mask"].dtype, device=images.device),
