@@ -124,6 +124,12 @@ def write_metrics(run_dir: Path, metrics: dict, global_step: int, extra: dict) -
 def train(cfg: DictConfig) -> dict:
     """Run one training job described by ``cfg``; returns the final metrics (also in metrics.json)."""
     validate(cfg)
+    # Lightning's DDP launcher re-runs this script for ranks > 0: they must share rank 0's run_dir
+    # (a ${now:...} default would otherwise give one directory per process).
+    if os.environ.get("BLIP2_RUN_DIR") and int(os.environ.get("LOCAL_RANK", 0)) > 0:
+        cfg.run_dir = os.environ["BLIP2_RUN_DIR"]
+    else:
+        os.environ["BLIP2_RUN_DIR"] = str(cfg.run_dir)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -142,7 +148,7 @@ def train(cfg: DictConfig) -> dict:
     datamodule = build_datamodule(cfg, module, trainer.world_size)
     resumed_from = 0
     if resume is not None:
-        resumed_from = int(torch.load(resume, map_location="cpu", weights_only=False).get("global_step", 0))
+        resumed_from = int(torch.load(resume, map_location="cpu", weights_only=True).get("global_step", 0))
         log.info("resuming from %s (step %d)", resume, resumed_from)
     if cfg.trainer.max_steps > 0:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
