@@ -70,7 +70,7 @@ class Stage1Module(Blip2Base):
         image_ids_all = gather_no_grad(image_ids)  # [N]
         sim_i2t, sim_t2i = itc_similarities(image_feats, text_feats_all, text_feats, image_feats_all)
         positives = positive_mask(image_ids, image_ids_all)  # [B, N]
-        temperature = model.temperature
+        temperature = model.current_temperature()
         loss_itc = itc_loss(sim_i2t, sim_t2i, temperature, positives, self.cfg.stage.label_smoothing)
 
         # ---- ITM with hard negatives sampled over the global batch
@@ -91,7 +91,7 @@ class Stage1Module(Blip2Base):
         loss_itm = itm_loss(itm_logits, batch_size, weights)
 
         # ---- ITG: the text positions of the joint pass
-        lm_logits = model.lm_head(hidden[:, num_queries:])  # [B, T, V]
+        lm_logits = model.lm_logits(hidden[:, num_queries:])  # [B, T, V]
         loss_itg = itg_loss(lm_logits, dec_ids, text_mask, self.cfg.stage.label_smoothing)
 
         stage = self.cfg.stage
@@ -104,7 +104,7 @@ class Stage1Module(Blip2Base):
         batch_size = batch["image"].shape[0]
         for name, value in losses.items():
             self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch_size)
-        self.log("train/temp", self.model.temperature.detach(), batch_size=batch_size)
+        self.log("train/temp", self.model.current_temperature().detach(), batch_size=batch_size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
         self.check_skipped_fraction()
         return losses["loss"]

@@ -97,7 +97,8 @@ class QFormer(nn.Module):
             self.text_projection = nn.Linear(width, cfg.embed_dim)
             self.itm_head = nn.Linear(width, 2)
             self.lm_head = LMHead(width, vocab_size, cfg.layer_norm_eps)
-            self.temp = nn.Parameter(torch.tensor(float(cfg.temp_init)))
+            # shape [1], not a scalar: FSDP2 cannot shard 0-d parameters (LAVIS's temp is 0-d)
+            self.temp = nn.Parameter(torch.full((1,), float(cfg.temp_init)))
             self._init_weights(cfg.initializer_range)
             self.lm_head.decoder.weight = self.embeddings.word_embeddings.weight  # tied, as in BERT
         else:
@@ -121,9 +122,16 @@ class QFormer(nn.Module):
     # ----------------------------------------------------------------------------------- passes
     @property
     def temperature(self) -> torch.Tensor:
-        if self.temp_clamp is None:
-            return self.temp
-        return self.temp.clamp(*self.temp_clamp)
+        temp = self.temp.squeeze(0)
+        return temp if self.temp_clamp is None else temp.clamp(*self.temp_clamp)
+
+    def current_temperature(self) -> torch.Tensor:
+        """The (optionally clamped) temperature, as a method so FSDP can unshard around it."""
+        return self.temperature
+
+    def lm_logits(self, text_hidden: torch.Tensor) -> torch.Tensor:
+        """LM head over text positions: [B, T, H] -> [B, T, V]."""
+        return self.lm_head(text_hidden)
 
     def encode_image(self, vision_tokens: torch.Tensor) -> torch.Tensor:
         """ln_vision in fp32 over the frozen encoder's tokens: [B, N, W] -> [B, N, W] fp32."""
