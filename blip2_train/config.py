@@ -194,6 +194,7 @@ class Blip2Config:
     seed: int = 42
     cache_dir: str = "${oc.env:BLIP2_CACHE,.cache}"  # synthetic shards, tiny tokenizers
     experiment_name: str = "default"
+    requires_init_from: bool = False  # recipes that continue a stage-1 run set it
 
 
 #: The Hydra config tree (override with BLIP2_CONF_DIR for an installed copy elsewhere).
@@ -233,6 +234,9 @@ def validate(cfg) -> None:
     """Check choices Hydra cannot check by type; raise ValueError naming the valid ones."""
     from omegaconf import OmegaConf
 
+    if cfg.requires_init_from and not cfg.init_from:
+        raise ValueError(f"experiment {cfg.experiment_name} starts from a stage-1 checkpoint: add "
+                         f"init_from=runs/<stage1>/checkpoints/last.ckpt")
     for key, valid in VALID.items():
         value = OmegaConf.select(cfg, key)
         if value not in valid:

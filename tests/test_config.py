@@ -42,6 +42,8 @@ def test_every_preset_composes_and_validates(group):
             extra = ["llm=tiny_opt"]
         if group == "llm" and option != "none":
             extra = ["stage=2"]
+        if group == "experiment" and "stage2" in option:
+            extra = ["init_from=runs/s1/checkpoints/last.ckpt"]
         cfg = make(f"{group}={option}", *extra)
         if cfg.data.name == "webdataset":
             cfg.data.train_shards = "/data/shards"
@@ -110,3 +112,14 @@ def test_stage2_without_llm_is_a_clear_error():
 def test_stage_given_as_a_number_is_a_group_choice():
     assert normalize_overrides(["stage=2", "stage=1,2", "encoder=eva"]) == ["stage='2'", "stage='1','2'",
                                                                            "encoder=eva"]
+
+
+def test_stage2_recipes_need_a_stage1_checkpoint():
+    cfg = make("experiment=blip2_vitg_opt27_stage2")
+    with pytest.raises(ValueError, match="init_from="):
+        validate(cfg)
+    opt = make("experiment=blip2_vitg_opt27_stage2", "init_from=x.ckpt")
+    assert opt.llm.model == "facebook/opt-2.7b" and opt.data.global_batch_size == 1920
+    assert opt.optim.warmup_steps == 2000 and opt.trainer.max_steps == 80000
+    t5 = make("experiment=blip2_vitg_flant5xl_stage2", "init_from=x.ckpt")
+    assert t5.llm.model == "google/flan-t5-xl" and t5.llm.precision == "bf16" and t5.data.global_batch_size == 1520
