@@ -18,8 +18,14 @@ register_configs()
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
     from blip2_train.train import train
 
+    # A multirun job (-m) writes to run_dir/<job number>: Hydra's output dir for this job.
+    with open_dict(cfg):
+        cfg.run_dir = HydraConfig.get().runtime.output_dir
     train(cfg)
 
 

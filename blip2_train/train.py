@@ -56,14 +56,16 @@ def resolve_precision(cfg: DictConfig) -> str:
     return "bf16-mixed" if on_gpu else "32-true"
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+def build_loggers(cfg: DictConfig, run_dir: Path, resumed_from: int = 0) -> list:
     from lightning.pytorch import loggers
 
     name = cfg.logger.name
     if name == "none":
         return []
     if name == "csv":
-        return [loggers.CSVLogger(save_dir=str(run_dir), name="logs", version="")]
+        # a resumed run keeps the earlier segment's file: logs/metrics.csv, logs/from_step_N/metrics.csv
+        version = f"from_step_{resumed_from}" if resumed_from else ""
+        return [loggers.CSVLogger(save_dir=str(run_dir), name="logs", version=version)]
     if name == "tensorboard":
         return [loggers.TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="")]
     # wandb: offline unless WANDB_MODE or an API key say otherwise; the run id is kept in run_dir
@@ -78,7 +80,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     return [logger]
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, tracker: ValidationTracker) -> L.Trainer:
+def build_trainer(cfg: DictConfig, run_dir: Path, tracker: ValidationTracker, resumed_from: int = 0) -> L.Trainer:
     t = cfg.trainer
     every = cfg.checkpoint.every_n_steps
     callbacks = [AtomicLastCheckpoint(run_dir / "checkpoints", every_n_steps=every), tracker]
@@ -94,7 +96,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, tracker: ValidationTracker) ->
         num_sanity_val_steps=0, log_every_n_steps=t.log_every_n_steps,
         gradient_clip_val=t.gradient_clip_val, accumulate_grad_batches=t.accumulate_grad_batches,
         deterministic=t.deterministic, enable_progress_bar=t.enable_progress_bar,
-        enable_checkpointing=False, logger=build_loggers(cfg, run_dir), callbacks=callbacks,
+        enable_checkpointing=False, logger=build_loggers(cfg, run_dir, resumed_from), callbacks=callbacks,
         default_root_dir=str(run_dir), use_distributed_sampler=False,
     )
 
@@ -143,13 +145,13 @@ def train(cfg: DictConfig) -> dict:
         from blip2_train.checkpoint_io import load_init
 
         load_init(module, cfg.init_from)
-    tracker = ValidationTracker()
-    trainer = build_trainer(cfg, run_dir, tracker)
-    datamodule = build_datamodule(cfg, module, trainer.world_size)
     resumed_from = 0
     if resume is not None:
         resumed_from = int(torch.load(resume, map_location="cpu", weights_only=True).get("global_step", 0))
         log.info("resuming from %s (step %d)", resume, resumed_from)
+    tracker = ValidationTracker()
+    trainer = build_trainer(cfg, run_dir, tracker, resumed_from)
+    datamodule = build_datamodule(cfg, module, trainer.world_size)
     if cfg.trainer.max_steps > 0:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     if tracker.last_step != trainer.global_step or not tracker.metrics:
