@@ -79,3 +79,23 @@ def test_init_from_reports_matched_keys(tmp_path, cache, capsys):
     before = json.loads((tmp_path / "a" / "run" / "metrics.json").read_text())
     assert metrics["itc/txt_r1"] == before["itc/txt_r1"] and metrics["itm/img_r5"] == before["itm/img_r5"]
     assert (tmp_path / "b" / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+@pytest.mark.parametrize("logger", ["wandb", "tensorboard"])
+def test_loggers_write_under_run_dir_and_wandb_keeps_its_run_on_resume(tmp_path, cache, logger, monkeypatch):
+    from blip2_train.train import train
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    train(make_cfg(tmp_path, cache, f"logger={logger}", "trainer.max_steps=1"))
+    run = tmp_path / "run"
+    if logger == "tensorboard":
+        assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
+        return
+    run_id = (run / "wandb_id.txt").read_text().strip()
+    assert list((run / "wandb").glob(f"offline-run-*-{run_id}"))  # offline by default
+    metrics = train(make_cfg(tmp_path, cache, f"logger={logger}", "trainer.max_steps=2"))
+    assert metrics["resumed_from_step"] == 1
+    assert (run / "wandb_id.txt").read_text().strip() == run_id
+    runs = {p.name.rsplit("-", 1)[-1] for p in (run / "wandb").glob("offline-run-*")}
+    assert runs == {run_id}  # the resumed run logs to the same wandb run
