@@ -52,6 +52,9 @@ class QFormerConfig:
     # LAVIS never clamps the temperature (null). [0.001, 0.5] keeps it in a sane range.
     temp_clamp: Optional[list[float]] = None
     gradient_checkpointing: bool = False
+    # fast: our own Q-Former (models/fast_qformer.py; same weights and numerics, cross-attention
+    # keys/values computed once per image per step); hf: transformers' Blip2QFormerModel.
+    impl: str = "fast"
 
 
 @dataclass
@@ -210,6 +213,7 @@ VALID = {
     "logger.name": ("csv", "tensorboard", "wandb", "none"),
     "llm.name": ("none", "opt", "flant5", "tiny_opt", "tiny_t5"),
     "llm.precision": ("fp32", "fp16", "bf16"),
+    "qformer.impl": ("fast", "hf"),
 }
 
 

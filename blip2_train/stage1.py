@@ -55,12 +55,14 @@ class Stage1Module(Blip2Base):
         with torch.no_grad():
             vision_tokens = self.encoder(batch["image"])  # [B, N, W], frozen
         image_embeds = model.encode_image(vision_tokens)  # [B, N, W] fp32, ln_vision trains
+        # cross-attention K/V of the local images, once for every pass (None under qformer.impl=hf)
+        cross_kv = model.cross_attention_kv(image_embeds)
 
         # One pass [queries; [DEC] text] under the ITG mask: its query outputs are the
         # query-only pass (queries never see text), so ITC's image side comes from it too.
         dec_ids = input_ids.clone()
         dec_ids[:, 0] = self.dec_token_id
-        hidden = model.joint_forward(image_embeds, dec_ids, itg_mask(text_mask, num_queries))
+        hidden = model.joint_forward(image_embeds, dec_ids, itg_mask(text_mask, num_queries), cross_kv)
         image_feats = model.image_features(hidden[:, :num_queries])  # [B, Q, D]
         text_feats = model.text_features(model.text_forward(input_ids, text_mask))  # [B, D]
 
@@ -84,8 +86,19 @@ class Stage1Module(Blip2Base):
                                                          self.itm_generator)
         itm_ids = torch.cat([input_ids, input_ids, input_ids_all[neg_text]])
         itm_text_mask = torch.cat([text_mask, text_mask, text_mask_all[neg_text]])
-        itm_images = torch.cat([image_embeds, image_embeds_all[neg_image], image_embeds])
-        itm_logits = model.itm_logits(itm_images, itm_ids, itm_text_mask)  # [3B, 2]
+        # ITM images [local; negatives; local] as an index into cached K/V (issue 7): with one
+        # process the negatives are local images; with several, K/V of the B negatives only.
+        local = torch.arange(batch_size, device=input_ids.device)
+        if image_embeds_all is image_embeds:  # one process: gather_with_grad returned the input
+            itm_images, itm_kv = image_embeds, cross_kv
+            itm_index = torch.cat([local, neg_image, local])  # [3B]
+        else:
+            itm_images = torch.cat([image_embeds, image_embeds_all[neg_image]])  # [2B, Nv, W]
+            neg_kv = model.cross_attention_kv(itm_images[batch_size:])
+            itm_kv = None if cross_kv is None else [
+                (torch.cat([k, nk]), torch.cat([v, nv])) for (k, v), (nk, nv) in zip(cross_kv, neg_kv)]
+            itm_index = torch.cat([local, local + batch_size, local])  # [3B]
+        itm_logits = model.itm_logits(itm_images, itm_ids, itm_text_mask, itm_kv, itm_index)  # [3B, 2]
         weights = torch.cat([torch.ones_like(valid_image, dtype=torch.float),
                              valid_image.float(), valid_text.float()])
         loss_itm = itm_loss(itm_logits, batch_size, weights)

@@ -21,6 +21,8 @@ from torch import nn
 from transformers import Blip2QFormerConfig
 from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2TextEmbeddings
 
+from blip2_train.models.fast_qformer import CrossKV, FastQFormerModel
+
 log = logging.getLogger(__name__)
 
 
@@ -76,7 +78,7 @@ class QFormer(nn.Module):
             max_position_embeddings=cfg.max_position_embeddings,
             initializer_range=cfg.initializer_range,
             layer_norm_eps=cfg.layer_norm_eps,
-            pad_token_id=pad_token_id,
+            pad_token_id=None if query_only else pad_token_id,
             cross_attention_frequency=cfg.cross_attention_frequency,
             encoder_hidden_size=vision_width,
             use_qformer_text_input=not query_only,
@@ -91,7 +93,11 @@ class QFormer(nn.Module):
         self.query_only = query_only
         if not query_only:  # built before the Q-Former: the order fixes seeded initialisation
             self.embeddings = Blip2TextEmbeddings(self.config)
-        self.qformer = Blip2QFormerModel(self.config)
+        # qformer.impl (issue 7): fast = our module, same state dict, cached cross-attention K/V
+        impl = getattr(cfg, "impl", "fast")
+        if impl not in ("fast", "hf"):
+            raise ValueError(f"qformer.impl={impl!r} is not valid; choose fast or hf")
+        self.qformer = FastQFormerModel(self.config) if impl == "fast" else Blip2QFormerModel(self.config)
         if not query_only:
             self.vision_projection = nn.Linear(width, cfg.embed_dim)
             self.text_projection = nn.Linear(width, cfg.embed_dim)
@@ -137,28 +143,41 @@ class QFormer(nn.Module):
         """ln_vision in fp32 over the frozen encoder's tokens: [B, N, W] -> [B, N, W] fp32."""
         return self.ln_vision(vision_tokens.float())
 
-    def query_forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+    # ---- cross-attention K/V reuse (issue 7). ``image_index`` [B] picks each row's image from
+    # ``image_embeds`` (or from ``cross_kv``'s batch); under impl=hf K/V are simply recomputed.
+    def cross_attention_kv(self, image_embeds: torch.Tensor) -> CrossKV | None:
+        """Per cross-attention layer (K, V) [B, heads, N, d] of these images; None under impl=hf."""
+        if isinstance(self.qformer, FastQFormerModel):
+            return self.qformer.cross_attention_kv(image_embeds)
+        return None
+
+    def _encode(self, embeds, query_length, mask=None, image_embeds=None, cross_kv=None, image_index=None):
+        if isinstance(self.qformer, FastQFormerModel):
+            return self.qformer(embeds, query_length, mask, image_embeds, cross_kv=cross_kv,
+                                image_index=image_index).last_hidden_state
+        if image_index is not None:
+            image_embeds = image_embeds[image_index]
+        return self.qformer(query_embeds=embeds, query_length=query_length, attention_mask=mask,
+                            encoder_hidden_states=image_embeds).last_hidden_state
+    # ---- end of K/V reuse
+
+    def query_forward(self, image_embeds: torch.Tensor, cross_kv: CrossKV | None = None) -> torch.Tensor:
         """Queries alone over the image: [B, Q, H] (what stage 2 and retrieval use)."""
-        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        out = self.qformer(query_embeds=queries, query_length=queries.shape[1],
-                           encoder_hidden_states=image_embeds)
-        return out.last_hidden_state
+        batch = image_embeds.shape[0] if cross_kv is None else cross_kv[0][0].shape[0]
+        queries = self.query_tokens.expand(batch, -1, -1)
+        return self._encode(queries, queries.shape[1], image_embeds=image_embeds, cross_kv=cross_kv)
 
     def text_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Text alone, bidirectional over its valid tokens: [B, T, H]."""
         embeds = self.embeddings(input_ids=input_ids)
-        out = self.qformer(query_embeds=embeds, query_length=0,
-                           attention_mask=attention_mask.bool()[:, None, None, :])
-        return out.last_hidden_state
+        return self._encode(embeds, 0, attention_mask.bool()[:, None, None, :])
 
-    def joint_forward(self, image_embeds: torch.Tensor, input_ids: torch.Tensor,
-                      mask: torch.Tensor) -> torch.Tensor:
+    def joint_forward(self, image_embeds: torch.Tensor | None, input_ids: torch.Tensor, mask: torch.Tensor,
+                      cross_kv: CrossKV | None = None, image_index: torch.Tensor | None = None) -> torch.Tensor:
         """[queries; text] under a prepared boolean 4-D mask: [B, Q+T, H]."""
         queries = self.query_tokens.expand(input_ids.shape[0], -1, -1)
         embeds = self.embeddings(input_ids=input_ids, query_embeds=queries)
-        out = self.qformer(query_embeds=embeds, query_length=queries.shape[1], attention_mask=mask,
-                           encoder_hidden_states=image_embeds)
-        return out.last_hidden_state
+        return self._encode(embeds, queries.shape[1], mask, image_embeds, cross_kv, image_index)
 
     def image_features(self, query_output: torch.Tensor) -> torch.Tensor:
         """[B, Q, H] -> L2-normalised [B, Q, D]."""
@@ -168,10 +187,11 @@ class QFormer(nn.Module):
         """[CLS] output [B, T, H] -> L2-normalised [B, D]."""
         return F.normalize(self.text_projection(text_output[:, 0]), dim=-1)
 
-    def itm_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor,
-                   attention_mask: torch.Tensor) -> torch.Tensor:
+    def itm_logits(self, image_embeds: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   cross_kv: CrossKV | None = None, image_index: torch.Tensor | None = None) -> torch.Tensor:
         """ITM logits averaged over the query outputs: [B, 2]."""
-        hidden = self.joint_forward(image_embeds, input_ids, itm_mask(attention_mask, self.num_query_tokens))
+        hidden = self.joint_forward(image_embeds, input_ids, itm_mask(attention_mask, self.num_query_tokens),
+                                    cross_kv, image_index)
         return self.itm_head(hidden[:, : self.num_query_tokens]).mean(dim=1)
 
     # ------------------------------------------------------------------------------ BERT init
