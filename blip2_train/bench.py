@@ -1,170 +1,373 @@
 """``make bench``: time the training steps against this machine's own matmul rate.
 
-    python -m blip2_train.bench [--steps 10] [--batch-size 16] [--quick]
+    python -m blip2_train.bench [--steps 10] [--impl fast,hf] [--batch-sizes 16] [--image-tokens 257]
+                                [--quick] [--checkpointing] [--compile] [--no-loader]
 
-Stage 1 at LAVIS's Q-Former size (BERT-base Q-Former, 32 queries, cross-attention every 2nd layer,
-image tokens [B, 257, 1408] fed directly so the frozen ViT is not timed, text length 32): ITC + ITM
-+ ITG forward, backward and AdamW step. Stage 2: the query path + projection in front of an
-OPT-125m-shaped random decoder (frozen). fp32 on CPU, bf16 autocast on GPU. Writes bench.json in
-the current directory and prints a table. ``--quick`` shrinks every size (for tests).
+Stage 1 at LAVIS's Q-Former size (BERT-base Q-Former, random init, vocabulary 30523, 32 queries,
+cross-attention every 2nd layer, image tokens [B, 257, 1408] fed directly so the frozen ViT is
+not timed, text length 32, B=16): the trainer's own ``Stage1Module.stage1_losses`` (ITC + ITM +
+ITG), backward and the trainer's AdamW step. Stage 2: the trainer's ``Stage2Module`` prompt and
+LM-loss code through an OPT-125m-shaped random decoder (frozen). fp32 on CPU, bf16 autocast on
+GPU. Every figure comes from its own subprocess, so ``peak_rss_mb`` is that step's alone. FLOPs
+are counted with ``FlopCounterMode`` on the warm-up step; utilization = achieved FLOP/s over the
+best dense matmul FLOP/s of the step's main shapes, timed in the same process (before and after
+the steps). ``*_cpu_step_ms`` (process CPU time / threads) and ``*_cpu_utilization`` are the same
+figures by CPU time: steadier where other jobs share the cores (see ``load_average_*``).
+
+Top-level ``stage1_*`` figures are for ``qformer.impl=fast`` (the default); ``stage1_hf_*`` for
+transformers' module. More than one batch size or image-token count adds a ``sweep`` table.
+Writes bench.json in the current directory and prints a table. ``--quick``: tiny sizes, in
+process (for tests).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from torch import nn
 
-from blip2_train.config import QFormerConfig
+from blip2_train.config import DataConfig, OptimConfig, QFormerConfig, StageConfig
+from blip2_train.stage1 import Stage1Module
+from blip2_train.stage2 import Stage2Module
 
-QUICK = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+VOCAB, TEXT_LEN, LLM_TEXT_LEN = 30523, 32, 32
+QUICK_QFORMER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                     num_query_tokens=8, embed_dim=32)
 
 
-def _sync(device):
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def _median_ms(fn, steps: int, warmup: int, device) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+def _timed(fn, device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - start) * 1000
 
 
-def _flops(fn) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
-def matmul_flops_per_s(n: int, k: int, m: int, device, dtype) -> float:
-    a, b = torch.randn(n, k, device=device, dtype=dtype), torch.randn(k, m, device=device, dtype=dtype)
-    ms = _median_ms(lambda: a @ b, 10, 3, device)
-    return 2 * n * k * m / (ms / 1000)
+def _clocked(fn, device) -> tuple[float, float]:
+    """(wall ms, process CPU ms / threads): the second is what the step costs when its threads
+    have the cores to themselves, a steadier figure on a machine shared with other jobs."""
+    cpu = time.process_time()
+    wall = _timed(fn, device)
+    return wall, (time.process_time() - cpu) * 1000 / torch.get_num_threads()
 
 
-def stage1_step(batch: int, image_tokens: int, quick: bool, device):
-    """A closure running one stage-1 training step on random inputs."""
-    from blip2_train.losses import hard_negative_indices, itc_loss, itc_similarities, itg_loss, itm_loss
-    from blip2_train.models.qformer import QFormer, itg_mask
-
-    cfg = OmegaConf.structured(QFormerConfig(bert=None, **(QUICK if quick else {})))
-    width = 64 if quick else 1408
-    model = QFormer(cfg, vision_width=width, vocab_size=30523).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    tokens = torch.randn(batch, image_tokens, width, device=device)
-    ids = torch.randint(1000, 30000, (batch, 32), device=device)
-    mask = torch.ones(batch, 32, dtype=torch.long, device=device)
-    image_ids = torch.arange(batch, device=device)
-    q = model.num_query_tokens
-
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            embeds = model.encode_image(tokens)
-            hidden = model.joint_forward(embeds, ids, itg_mask(mask, q))
-            image_feats = model.image_features(hidden[:, :q])
-            text_feats = model.text_features(model.text_forward(ids, mask))
-            sim_i2t, sim_t2i = itc_similarities(image_feats, text_feats, text_feats, image_feats)
-            positives = image_ids[:, None] == image_ids[None, :]
-            temp = model.current_temperature()
-            loss = itc_loss(sim_i2t, sim_t2i, temp, positives)
-            neg_img, ok_img = hard_negative_indices(sim_t2i.detach() / temp.detach(), positives)
-            neg_txt, ok_txt = hard_negative_indices(sim_i2t.detach() / temp.detach(), positives)
-            logits = model.itm_logits(torch.cat([embeds, embeds[neg_img], embeds]),
-                                      torch.cat([ids, ids, ids[neg_txt]]), torch.cat([mask, mask, mask[neg_txt]]))
-            weights = torch.cat([torch.ones_like(ok_img, dtype=torch.float), ok_img.float(), ok_txt.float()])
-            loss = loss + itm_loss(logits, batch, weights)
-            loss = loss + itg_loss(model.lm_logits(hidden[:, q:]), ids, mask)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
+def matmul_rates(shapes: list[tuple[int, int, int]], device, dtype) -> dict[str, tuple[float, float]]:
+    """(wall, CPU-time) FLOP/s of ``[n, k] @ [k, m]`` for each shape (medians of 10 after 3 warm-up)."""
+    rates = {}
+    for n, k, m in shapes:
+        a = torch.randn(n, k, device=device, dtype=dtype)
+        b = torch.randn(k, m, device=device, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        wall, cpu = zip(*(_clocked(lambda: a @ b, device) for _ in range(10)))
+        rates[f"{n}x{k}x{m}"] = tuple(2 * n * k * m / (statistics.median(t) / 1000) for t in (wall, cpu))
+    return rates
 
 
-def stage2_step(batch: int, quick: bool, device):
-    from transformers import OPTConfig, OPTForCausalLM
+# ------------------------------------------------------------------------------ the steps
+class _Stage1:
+    """What ``Stage1Module.stage1_losses`` reads from ``self``: no Lightning, encoder or tokenizer."""
 
+    stage1_losses = Stage1Module.stage1_losses
+
+    def __init__(self, model, stage_cfg, dec_token_id: int):
+        self.model, self.cfg, self.dec_token_id = model, OmegaConf.create({"stage": stage_cfg}), dec_token_id
+        self.encoder = nn.Identity()  # image tokens are fed directly: the frozen ViT is not timed
+        self.itm_generator = None
+
+    def _pad_for_gather(self, input_ids, attention_mask):
+        return input_ids, attention_mask
+
+
+class _Stage2:
+    """What ``Stage2Module.visual_prompts`` / ``lm_loss`` read from ``self``."""
+
+    visual_prompts, lm_loss = Stage2Module.visual_prompts, Stage2Module.lm_loss
+
+    def __init__(self, model, projection, llm):
+        self.model, self.language_projection, self.decoder_only = model, projection, True
+        self.llm = nn.Module()
+        self.llm.model = llm
+        self.encoder = nn.Identity()
+
+
+def _qformer(spec: dict, query_only: bool):
     from blip2_train.models.qformer import QFormer
 
-    cfg = OmegaConf.structured(QFormerConfig(bert=None, **(QUICK if quick else {})))
-    width = 64 if quick else 1408
-    qformer = QFormer(cfg, vision_width=width, vocab_size=0, query_only=True).to(device).train()
+    sizes = QUICK_QFORMER if spec["quick"] else {}
+    cfg = OmegaConf.structured(QFormerConfig(bert=None, impl=spec["impl"],
+                                             gradient_checkpointing=spec["checkpointing"], **sizes))
+    torch.manual_seed(0)
+    return QFormer(cfg, vision_width=spec["width"], vocab_size=0 if query_only else spec["vocab"],
+                   query_only=query_only)
+
+
+def _optimizer(module: nn.Module):
+    from blip2_train.optim import build_optimizer
+
+    return build_optimizer(module, OptimConfig(), max_steps=1000)["optimizer"]
+
+
+def stage1_step(spec: dict, device):
+    """A closure running one stage-1 training step (phases timed into ``spec['phases']``)."""
+    model = _qformer(spec, query_only=False).to(device).train()
+    runner = _Stage1(model, OmegaConf.structured(StageConfig()), dec_token_id=spec["vocab"] - 1)
+    optimizer = _optimizer(model)
+    b, g = spec["batch"], torch.Generator().manual_seed(0)
+    ids = torch.randint(spec["vocab"] // 30, spec["vocab"] - 1, (b, TEXT_LEN), generator=g)
+    ids[:, 0] = 101  # [CLS]
+    batch = {"image": torch.randn(b, spec["tokens"], spec["width"], generator=g),
+             "input_ids": ids, "attention_mask": torch.ones(b, TEXT_LEN, dtype=torch.long),
+             "image_id": torch.arange(b)}
+    batch = {k: v.to(device) for k, v in batch.items()}
+    return _train_step(lambda: runner.stage1_losses(batch)["loss"], model, optimizer, spec, device)
+
+
+def stage2_step(spec: dict, device):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    model = _qformer(spec, query_only=True).to(device).train()
+    quick = spec["quick"]
     llm_width = 64 if quick else 768
+    torch.manual_seed(0)
     llm = OPTForCausalLM(OPTConfig(hidden_size=llm_width, num_hidden_layers=2 if quick else 12,
                                    num_attention_heads=4 if quick else 12, ffn_dim=4 * llm_width,
-                                   vocab_size=50272, word_embed_proj_dim=llm_width)).to(device).eval()
-    llm.requires_grad_(False)
-    projection = torch.nn.Linear(cfg.hidden_size, llm_width).to(device)
-    optimizer = torch.optim.AdamW(list(qformer.parameters()) + list(projection.parameters()), lr=1e-4)
-    tokens = torch.randn(batch, 17 if quick else 257, width, device=device)
-    ids = torch.randint(4, 50000, (batch, 32), device=device)
+                                   vocab_size=50272, word_embed_proj_dim=llm_width,
+                                   max_position_embeddings=2048)).to(device).eval()
+    llm.requires_grad_(False)  # frozen, eval mode (llm.dropout_in_train=false)
+    projection = nn.Linear(model.config.hidden_size, llm_width).to(device)
+    runner = _Stage2(model, projection, llm)
+    trainable = nn.ModuleDict({"model": model, "language_projection": projection})
+    optimizer = _optimizer(trainable)
+    b, g = spec["batch"], torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 50000, (b, LLM_TEXT_LEN), generator=g)
+    batch = {"llm_input_ids": ids, "llm_attention_mask": torch.ones_like(ids), "llm_labels": ids.clone(),
+             "image": torch.randn(b, spec["tokens"], spec["width"], generator=g)}
+    batch = {k: v.to(device) for k, v in batch.items()}
+    return _train_step(lambda: runner.lm_loss(runner.visual_prompts(batch["image"]), batch),
+                       trainable, optimizer, spec, device)
+
+
+def _train_step(loss_fn, module, optimizer, spec, device):
+    if spec["compile"]:
+        loss_fn = torch.compile(loss_fn)
+    phases = spec.setdefault("phases", {"forward_ms": [], "backward_ms": [], "optimizer_ms": []})
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            prompts = projection(qformer.query_forward(qformer.encode_image(tokens)))
-            inputs = torch.cat([prompts, llm.get_input_embeddings()(ids)], dim=1)
-            labels = torch.cat([torch.full(prompts.shape[:2], -100, device=device), ids], dim=1)
-            loss = llm(inputs_embeds=inputs, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        def forward():
+            with autocast:
+                step.loss = loss_fn()
+
+        phases["forward_ms"].append(_timed(forward, device))
+        phases["backward_ms"].append(_timed(lambda: step.loss.backward(), device))
+
+        def update():
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        phases["optimizer_ms"].append(_timed(update, device))
 
     return step
 
 
-def measure(step, batch: int, steps: int, peak: float, device) -> dict:
-    ms = _median_ms(step, steps, 2, device)
-    flops = _flops(step)
-    return {"step_ms": ms, "samples_per_s": batch / (ms / 1000), "flops_per_step": flops,
-            "utilization": flops / (ms / 1000) / peak}
+# --------------------------------------------------------------------------- measurement
+def measure(spec: dict) -> dict:
+    """One configuration: FLOPs on the warm-up step, then the median of ``steps`` timed steps."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    step = (stage1_step if spec["kind"] == "stage1" else stage2_step)(spec, device)
+    if spec["compile"]:
+        step()  # compilation happens here, not under the FLOP counter
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
+    for values in spec["phases"].values():  # keep the timed steps' phases only
+        values.clear()
+    h, b, n = (64, spec["batch"], spec["tokens"]) if spec["quick"] else (768, spec["batch"], spec["tokens"])
+    shapes = [(3 * b * 64, h, 4 * h), (b * n, spec["width"], h), (3 * b * 64, h, h)]
+    before = matmul_rates(shapes, device, dtype)
+    times, cpu_times = zip(*(_clocked(step, device) for _ in range(spec["steps"])))
+    ms, cpu_ms = statistics.median(times), statistics.median(cpu_times)
+    after = matmul_rates(shapes, device, dtype)  # the best of before and after: the steps get no excuse
+    rates = {k: tuple(max(x, y) for x, y in zip(before[k], after[k])) for k in before}
+    peak, cpu_peak = (max(r[i] for r in rates.values()) for i in (0, 1))
+    rss = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return {"step_ms": ms, "samples_per_s": spec["batch"] / (ms / 1000), "flops_per_step": flops,
+            "utilization": flops / (ms / 1000) / peak, "peak_rss_mb": rss, "matmul_flops_per_s": peak,
+            "matmul_shapes_flops_per_s": {k: r[0] for k, r in rates.items()}, "step_ms_all": list(times),
+            "cpu_step_ms": cpu_ms, "cpu_utilization": flops / (cpu_ms / 1000) / cpu_peak,
+            "cpu_matmul_flops_per_s": cpu_peak,
+            **{k: statistics.median(v) for k, v in spec["phases"].items()}}
+
+
+def run_isolated(spec: dict, in_process: bool) -> dict:
+    """``measure(spec)`` in a fresh interpreter (its own peak RSS), or here for --quick."""
+    if in_process:
+        return measure(dict(spec))
+    out = subprocess.run([sys.executable, "-m", "blip2_train.bench", "--worker", json.dumps(spec)],
+                         capture_output=True, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"benchmark worker {spec} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1][len("BENCH_RESULT "):])
+
+
+def loader_images_per_s(batches: int = 20, workers: int = 2, shards: int = 4, per_shard: int = 128) -> dict:
+    """Images/s of the training pipeline (decode, RandomResizedCrop to 224, flip, collate) on
+    256-px JPEG shards generated here, with ``workers`` loader workers."""
+    import io
+    import random
+    import tarfile
+
+    from blip2_train.data.synthetic import render_sample
+    from blip2_train.data.text import QFormerTextCollate
+    from blip2_train.data.webdataset import Blip2DataModule
+    from blip2_train.tokenization import build_qformer_tokenizer
+
+    batch_size = 16
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = random.Random(0)
+        for shard in range(shards):
+            with tarfile.open(f"{tmp}/{shard:05d}.tar", "w") as tar:
+                for i in range(per_shard):
+                    image, caption, _ = render_sample(rng, 256)
+                    buffer = io.BytesIO()
+                    image.save(buffer, format="JPEG", quality=90)
+                    key = f"{shard:05d}{i:04d}"
+                    for name, data in ((f"{key}.jpg", buffer.getvalue()), (f"{key}.txt", caption.encode()),
+                                       (f"{key}.json", json.dumps({"image_id": shard * 1000 + i}).encode())):
+                        info = tarfile.TarInfo(name)
+                        info.size = len(data)
+                        tar.addfile(info, io.BytesIO(data))
+        collate = QFormerTextCollate(build_qformer_tokenizer(None, tmp), TEXT_LEN)
+        cfg = OmegaConf.structured(DataConfig(name="webdataset", train_shards=tmp, batch_size=batch_size,
+                                              num_workers=workers, shuffle_buffer=100,
+                                              samples_per_epoch=batch_size * (batches + 4)))
+        module = Blip2DataModule(cfg, image_size=224, train_text_collate=collate, eval_text_collate=collate)
+        loader = iter(module.train_dataloader())
+        for _ in range(2 * workers):  # workers started and their first batches out
+            next(loader)
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(loader)
+        seconds = time.perf_counter() - start
+    return {"loader_images_per_s": batches * batch_size / seconds, "loader_workers": workers,
+            "loader_shapes": {"jpeg_px": 256, "image_size": 224, "batch_size": batch_size}}
+
+
+# ---------------------------------------------------------------------------------- main
+def _table(result: dict) -> str:
+    rows = [f"{'figure':34s} value"]
+    for key, value in result.items():
+        if isinstance(value, float):
+            rows.append(f"{key:34s} {value:,.4g}")
+        elif isinstance(value, int) and not isinstance(value, bool):
+            rows.append(f"{key:34s} {value:,}")
+    if result.get("sweep"):
+        rows += ["", "| impl | batch | image tokens | step (ms) | CPU ms / thread | samples/s | TFLOP/step | "
+                 "utilization | peak RSS (MB) |", "|---|---|---|---|---|---|---|---|---|"]
+        rows += [f"| {r['impl']} | {r['batch']} | {r['tokens']} | {r['step_ms']:,.0f} | {r['cpu_step_ms']:,.0f} | "
+                 f"{r['samples_per_s']:.3g} | {r['flops_per_step'] / 1e12:.3g} | {r['utilization']:.2f} | "
+                 f"{r['peak_rss_mb']:,.0f} |" for r in result["sweep"]]
+    return "\n".join(rows)
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--image-tokens", type=int, default=257)
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per figure (after 1 warm-up)")
+    parser.add_argument("--impl", default="fast,hf", help="Q-Former implementations for stage 1; the first "
+                        "one gives the stage1_* and stage2_* figures")
+    parser.add_argument("--batch-sizes", default="16")
+    parser.add_argument("--image-tokens", default="257")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, measured in this process")
+    parser.add_argument("--checkpointing", action="store_true", help="qformer.gradient_checkpointing=true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the loss computation")
+    parser.add_argument("--no-stage2", action="store_true")
+    parser.add_argument("--no-loader", action="store_true", help="skip loader_images_per_s")
     parser.add_argument("--output", default="bench.json")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    tokens = 17 if args.quick else args.image_tokens
-    width = 64 if args.quick else 768
-    peak = matmul_flops_per_s(args.batch_size * (32 + 32), width, 4 * width, device, dtype)
-    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-              "threads": torch.get_num_threads(), "dtype": str(dtype).replace("torch.", ""),
-              "matmul_flops_per_s": peak, "stage1_batch_size": args.batch_size,
-              "stage1_shapes": {"image_tokens": [args.batch_size, tokens, 64 if args.quick else 1408],
-                                "text_len": 32, "queries": 32, "qformer_hidden": width},
-              "loader_images_per_s": None}
-    for name, step in (("stage1", stage1_step(args.batch_size, tokens, args.quick, device)),
-                       ("stage2", stage2_step(args.batch_size, args.quick, device))):
-        for key, value in measure(step, args.batch_size, args.steps, peak, device).items():
-            result[f"{name}_{key}"] = value
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.worker:  # a subprocess of run_isolated
+        print("BENCH_RESULT " + json.dumps(measure(json.loads(args.worker))), flush=True)
+        return {}
+
+    impls = args.impl.split(",")
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    token_counts = [int(t) for t in args.image_tokens.split(",")]
+    base = {"steps": args.steps, "quick": args.quick, "checkpointing": args.checkpointing,
+            "compile": args.compile, "width": 64 if args.quick else 1408, "vocab": 512 if args.quick else VOCAB}
+    cuda = torch.cuda.is_available()
+    result = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+              "threads": torch.get_num_threads(), "dtype": "bf16 autocast" if cuda else "float32",
+              "torch": torch.__version__, "stage1_impl": impls[0], "stage1_batch_size": batches[0],
+              "load_average_before": os.getloadavg()[0]}
+    sweep = []
+    for tokens in token_counts:
+        for batch in batches:
+            for impl in impls:
+                spec = {**base, "kind": "stage1", "impl": impl, "batch": batch,
+                        "tokens": 17 if args.quick else tokens}
+                figures = run_isolated(spec, args.quick)
+                sweep.append({"impl": impl, "batch": batch, "tokens": spec["tokens"], **figures})
+                print(f"stage1 impl={impl} B={batch} tokens={spec['tokens']}: {figures['step_ms']:,.0f} ms/step, "
+                      f"utilization {figures['utilization']:.2f}", file=sys.stderr, flush=True)
+    main_rows = {r["impl"]: r for r in sweep if r["batch"] == batches[0] and r["tokens"] == sweep[0]["tokens"]}
+    first = main_rows[impls[0]]
+    result.update({"matmul_flops_per_s": first["matmul_flops_per_s"],
+                   "cpu_matmul_flops_per_s": first["cpu_matmul_flops_per_s"],
+                   "matmul_shapes_flops_per_s": first["matmul_shapes_flops_per_s"],
+                   "stage1_shapes": {"image_tokens": [batches[0], first["tokens"], base["width"]],
+                                     "text_len": TEXT_LEN, "queries": 8 if args.quick else 32,
+                                     "qformer": "tiny" if args.quick else "bert-base (768 x 12 layers)",
+                                     "cross_attention_frequency": 2, "vocab": base["vocab"]}})
+    keys = ("step_ms", "samples_per_s", "flops_per_step", "utilization", "peak_rss_mb",
+            "forward_ms", "backward_ms", "optimizer_ms", "cpu_step_ms", "cpu_utilization")
+    for impl, row in main_rows.items():
+        prefix = "stage1" if impl == impls[0] else f"stage1_{impl}"
+        result.update({f"{prefix}_{k}": row[k] for k in keys})
+    result["peak_rss_mb"] = first["peak_rss_mb"]
+    if not args.no_stage2:
+        spec = {**base, "kind": "stage2", "impl": impls[0], "batch": batches[0],
+                "tokens": 17 if args.quick else token_counts[0]}
+        row = run_isolated(spec, args.quick)
+        result.update({f"stage2_{k}": row[k] for k in keys})
+        result["stage2_shapes"] = {"image_tokens": [batches[0], spec["tokens"], base["width"]],
+                                   "llm": "tiny OPT" if args.quick else "OPT-125m shape (768 x 12 layers, "
+                                   "vocab 50272), random, frozen", "text_len": LLM_TEXT_LEN}
+    result["loader_images_per_s"] = None
+    result["loader_note"] = "skipped (--no-loader)"
+    if not args.no_loader:
+        result.update(loader_images_per_s(batches=2, shards=2, per_shard=32) if args.quick
+                      else loader_images_per_s())
+        result["loader_note"] = "train pipeline on generated 256-px JPEG shards, 224-px RandomResizedCrop"
+    result["load_average_after"] = os.getloadavg()[0]  # other work on the machine skews every figure
+    if len(sweep) > len(impls):
+        result["sweep"] = [{k: r[k] for k in ("impl", "batch", "tokens", "step_ms", "samples_per_s", "flops_per_step",
+                                              "utilization", "peak_rss_mb", "cpu_step_ms")} for r in sweep]
     with open(args.output, "w") as handle:
         json.dump(result, handle, indent=2)
-    print(f"{'figure':28s} value")
-    for key, value in result.items():
-        if isinstance(value, float):
-            print(f"{key:28s} {value:,.4g}")
+    print(_table(result))
     print(f"wrote {args.output}")
     return result
 
