@@ -1,0 +1,263 @@
+"""The stages of the data pipeline: shard sources, bad-sample accounting, decode, shuffle, batch.
+
+Each stage is a picklable object whose state (epoch counters, skip counts) lives in the loader
+worker that runs it, so counts are per worker and persistent workers draw a new order per epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import random
+from collections.abc import Callable, Iterator
+
+import torch
+from PIL import Image
+
+from blip2_train.data.text import clean_caption
+
+log = logging.getLogger("blip2_train.data")
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+TEXT_EXT = "txt"
+LAYOUT_CHECK = 20  # bad samples before a stream's first good one that mean a layout error
+MAX_BAD_IN_A_ROW = 1000  # a stream that stops yielding good samples is broken, not unlucky
+MAX_EMPTY_SHARDS = 100  # shards in a row without a single sample (empty tars under resampling)
+
+
+class DataLayoutError(ValueError):
+    """Shards whose contents cannot be the img2dataset layout (or cannot be read at all)."""
+
+
+def stable_id(text: str) -> int:
+    """A deterministic non-negative int64 (56 bits) from a string: the same in every process."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "little")
+
+
+def sample_image_id(meta: bytes | None, url: str, key: str) -> int:
+    """``image_id`` from the sample's json when it is an int64 (or a string of one); else a hash.
+
+    A non-numeric id (``"COCO_123.jpg"``) is hashed, so captions of one image still share an id.
+    Without an id the hash covers shard URL and key: keys repeat across datasets joined by ``::``.
+    """
+    value = None
+    if meta:
+        try:
+            value = json.loads(meta).get("image_id")
+        except (ValueError, AttributeError):
+            value = None
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**63:
+        return value
+    return stable_id(f"{url}/{key}" if value is None else str(value))
+
+
+class SkipCounter:
+    """Bad samples of one copy of a pipeline (one worker): counted, logged, handed to batches.
+
+    Also the guard against endless empty loops: a stream whose first samples are all bad, or that
+    stops producing anything, raises instead of spinning.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        """A new stream (an epoch or a validation pass) starts clean."""
+        self.since_batch = 0  # handed to the next batch as num_skipped
+        self.in_a_row = self.good = 0  # bad samples since the last good one; good ones in this stream
+        self.empty_shards = self.broken_shards = 0  # shards in a row without a sample / unreadable
+        self.shard: str | None = None  # the shard being read (stages run in one thread, in order)
+        self.shard_failed = False
+        self.found: dict[str, int] = {}  # member names of bad samples before the first good one
+        self.last_reason = ""
+
+    def skip(self, reason: str, url, key=None, members: list[str] | None = None) -> None:
+        self.since_batch += 1
+        self.in_a_row += 1
+        self.last_reason = reason
+        log.warning("skipped sample %s in shard %s: %s", key or "-", url, reason)
+        self.check(url, key, members)
+
+    def check(self, url, key=None, members: list[str] | None = None) -> None:
+        if self.broken_shards >= LAYOUT_CHECK:
+            raise DataLayoutError(f"{self.broken_shards} shards in a row could not be read (last: {url}: "
+                                  f"{self.last_reason})")
+        if self.good == 0:
+            for member in members or ():
+                self.found[member] = self.found.get(member, 0) + 1
+            if self.in_a_row >= LAYOUT_CHECK:
+                raise self.layout_error(url, key)
+        if self.in_a_row >= MAX_BAD_IN_A_ROW:
+            raise DataLayoutError(f"{self.in_a_row} bad samples in a row (last: shard {url}, key {key}: "
+                                  f"{self.last_reason}); each is logged by logger blip2_train.data")
+
+    def layout_error(self, url, key=None) -> DataLayoutError:
+        what = f"samples hold members {self.found}" if self.found else "no sample could be read"
+        return DataLayoutError(
+            f"no usable sample in the first {self.in_a_row} of shard {url} ({what}; e.g. key {key}; last "
+            f"problem: {self.last_reason}). Expected per key an image ({'|'.join(IMAGE_EXTS)}) and a "
+            f"caption ({TEXT_EXT}), adjacent in the tar: the img2dataset layout.")
+
+    def good_sample(self) -> None:
+        self.good += 1
+        self.in_a_row = 0
+
+    def take(self) -> int:
+        count, self.since_batch = self.since_batch, 0
+        return count
+
+    # ---- pipeline stages around webdataset's tar reader
+    def watch_shards(self, shards: Iterator[dict]) -> Iterator[dict]:
+        """First stage after the shard list: a new stream; empty shards counted."""
+        self.reset()
+        for shard in shards:
+            self.shard, self.shard_failed = shard.get("url"), False
+            self.empty_shards += 1
+            if self.empty_shards > MAX_EMPTY_SHARDS:
+                raise DataLayoutError(f"{MAX_EMPTY_SHARDS} shards in a row held no sample (last: "
+                                      f"{shard.get('url')}): are they empty tar files?")
+            yield shard
+
+    def watch_samples(self, samples: Iterator[dict]) -> Iterator[dict]:
+        for sample in samples:
+            self.empty_shards = self.broken_shards = 0
+            yield sample
+
+    def tar_error(self, exn: Exception) -> bool:
+        """webdataset's handler: unreadable shard or tar member (truncated, missing): skip the rest.
+
+        One broken shard counts once, though webdataset reports a truncation at two levels.
+        """
+        if not self.shard_failed:
+            self.shard_failed = True
+            self.broken_shards += 1
+            self.since_batch += 1
+            message = str(exn.args[0] if exn.args else exn).split(" @ ")[0]
+            self.last_reason = f"unreadable tar data ({exn.__class__.__name__}: {message})"
+            log.warning("skipped the rest of shard %s: %s", self.shard, self.last_reason)
+            self.check(self.shard)
+        return True
+
+
+class DecodeSamples:
+    """Raw tar samples -> ``{image [3,H,W], caption, image_id, key}``; bad ones skipped and counted."""
+
+    def __init__(self, transform: Callable, max_words: int, counter: SkipCounter, finite: bool):
+        self.transform, self.max_words, self.counter, self.finite = transform, max_words, counter, finite
+
+    def __call__(self, samples: Iterator[dict]) -> Iterator[dict]:
+        counter = self.counter
+        for sample in samples:
+            key, url = sample.get("__key__"), sample.get("__url__")
+            image_ext = next((e for e in IMAGE_EXTS if e in sample), None)
+            if image_ext is None or TEXT_EXT not in sample:
+                members = sorted(k for k in sample if not k.startswith("__"))
+                missing = "image" if image_ext is None else "caption"
+                counter.skip(f"no {missing} (members: {members})", url, key, members)
+                continue
+            try:
+                with Image.open(io.BytesIO(sample[image_ext])) as image:
+                    pixels = self.transform(image.convert("RGB"))  # [3, H, W]
+            except Exception as err:  # noqa: BLE001 - PIL raises many types for broken files
+                counter.skip(f"undecodable image ({err.__class__.__name__}: {err})", url, key)
+                continue
+            caption = clean_caption(sample[TEXT_EXT].decode("utf-8", errors="replace"), self.max_words)
+            if not caption:
+                counter.skip("empty caption", url, key)
+                continue
+            counter.good_sample()
+            yield {"image": pixels, "caption": caption, "image_id": sample_image_id(sample.get("json"), url, key),
+                   "key": key}
+        if self.finite and counter.good == 0:  # a validation pass that found nothing usable
+            if counter.in_a_row:
+                raise counter.layout_error("(all val shards)")
+            raise DataLayoutError(f"the validation shards could not be read ({counter.last_reason})"
+                                  if counter.last_reason else "the validation shards hold no samples")
+
+
+class ShuffleBuffer:
+    """webdataset's shuffle buffer, seeded per (seed, rank, worker, epoch) so runs repeat exactly."""
+
+    def __init__(self, bufsize: int, seed: int, rank: int):
+        self.bufsize, self.seed, self.rank = bufsize, seed, rank
+        self.epoch = 0  # lives in the (persistent) worker: each epoch draws a new order
+
+    def __call__(self, samples: Iterator[dict]) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        # epoch 0 keeps the name earlier versions used, so seeded runs (pinned test losses) still match
+        name = f"{self.seed}-{self.rank}-{info.id if info else 0}" + (f"-{self.epoch}" if self.epoch else "")
+        self.epoch += 1
+        rng = random.Random(name)
+        samples, buffer, initial = iter(samples), [], min(100, self.bufsize)
+
+        def pick():
+            k = rng.randint(0, len(buffer) - 1)
+            buffer[k], buffer[-1] = buffer[-1], buffer[k]
+            return buffer.pop()
+
+        for sample in samples:
+            buffer.append(sample)
+            if len(buffer) < self.bufsize:  # read two per step until full, as webdataset does
+                extra = next(samples, None)
+                if extra is not None:
+                    buffer.append(extra)
+            if len(buffer) >= initial:
+                yield pick()
+        while buffer:
+            yield pick()
+
+
+class CycledShards:
+    """Shards without resampling: this rank's and worker's own slice, in a new order each pass, forever.
+
+    Endless so that ``with_epoch`` (not the shard count) decides the epoch length on every rank.
+    """
+
+    def __init__(self, urls: list[str], seed: int, rank: int, world: int):
+        self.urls, self.seed, self.rank, self.world = urls, seed, rank, world
+        self.epoch = 0
+
+    def __call__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        mine = self.urls[self.rank * workers + worker:: self.world * workers]
+        if not mine:
+            raise ValueError(f"rank {self.rank} worker {worker} has no shard of {len(self.urls)}")
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        for n in range(2**62):
+            order = list(mine)
+            random.Random(f"{self.seed}-{self.rank}-{worker}-{epoch}-{n}").shuffle(order)
+            yield from ({"url": url} for url in order)
+
+
+class BatchSamples:
+    """Samples -> batches: image [B,3,H,W], text fields, image_id [B], key, caption, num_skipped []."""
+
+    def __init__(self, batch_size: int, text_collate: Callable, counter: SkipCounter, partial: bool):
+        self.batch_size, self.text_collate, self.counter, self.partial = batch_size, text_collate, counter, partial
+
+    def collate(self, samples: list[dict]) -> dict:
+        captions = [s["caption"] for s in samples]
+        batch = {
+            "image": torch.stack([s["image"] for s in samples]),  # [B, 3, H, W]
+            "image_id": torch.tensor([s["image_id"] for s in samples], dtype=torch.long),
+            "key": [s["key"] for s in samples],
+            "caption": captions,
+            "num_skipped": torch.tensor(self.counter.take(), dtype=torch.long),
+        }
+        batch.update(self.text_collate(captions))  # input_ids, attention_mask [B, T]
+        return batch
+
+    def __call__(self, samples: Iterator[dict]) -> Iterator[dict]:
+        chunk = []
+        for sample in samples:
+            chunk.append(sample)
+            if len(chunk) == self.batch_size:
+                yield self.collate(chunk)
+                chunk = []
+        if chunk and self.partial:
+            yield self.collate(chunk)
