@@ -52,8 +52,7 @@ class Stage1Module(Blip2Base):
         image_ids = batch["image_id"]
         model, num_queries = self.model, self.model.num_query_tokens
         batch_size = input_ids.shape[0]
-        with torch.no_grad():
-            vision_tokens = self.encoder(batch["image"])  # [B, N, W], frozen
+        vision_tokens = self.encoder(batch["image"])  # [B, N, W]; under no_grad and detached when frozen
         image_embeds = model.encode_image(vision_tokens)  # [B, N, W] fp32, ln_vision trains
         # cross-attention K/V of the local images, once for every pass (None under qformer.impl=hf)
         cross_kv = model.cross_attention_kv(image_embeds)
@@ -86,18 +85,20 @@ class Stage1Module(Blip2Base):
                                                          self.itm_generator)
         itm_ids = torch.cat([input_ids, input_ids, input_ids_all[neg_text]])
         itm_text_mask = torch.cat([text_mask, text_mask, text_mask_all[neg_text]])
-        # ITM images [local; negatives; local] as an index into cached K/V (issue 7): with one
-        # process the negatives are local images; with several, K/V of the B negatives only.
+        # ITM images [local; negatives; local] as chunks over cached K/V (issue 7): one process
+        # gathers the B negatives' K/V rows; several compute K/V of the B gathered negatives once.
+        # Chunks reading the same K/V rows share them without copies (FastQFormerModel).
         local = torch.arange(batch_size, device=input_ids.device)
         if image_embeds_all is image_embeds:  # one process: gather_with_grad returned the input
             itm_images, itm_kv = image_embeds, cross_kv
-            itm_index = torch.cat([local, neg_image, local])  # [3B]
+            itm_index = [0, neg_image, 0] if cross_kv is not None else torch.cat([local, neg_image, local])
         else:
             itm_images = torch.cat([image_embeds, image_embeds_all[neg_image]])  # [2B, Nv, W]
             neg_kv = model.cross_attention_kv(itm_images[batch_size:])
             itm_kv = None if cross_kv is None else [
                 (torch.cat([k, nk]), torch.cat([v, nv])) for (k, v), (nk, nv) in zip(cross_kv, neg_kv)]
-            itm_index = torch.cat([local, local + batch_size, local])  # [3B]
+            itm_index = ([0, batch_size, 0] if cross_kv is not None
+                         else torch.cat([local, local + batch_size, local]))  # [3B]
         itm_logits = model.itm_logits(itm_images, itm_ids, itm_text_mask, itm_kv, itm_index)  # [3B, 2]
         weights = torch.cat([torch.ones_like(valid_image, dtype=torch.float),
                              valid_image.float(), valid_text.float()])

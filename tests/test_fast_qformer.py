@@ -117,6 +117,56 @@ def test_cached_kv_indexed_by_image_equals_recomputing_forward_and_backward():
         assert torch.allclose(grads_a[name], grads_b[name], atol=1e-5), name
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_chunked_kv_equals_gathered_kv_with_the_same_dropout_draws(train):
+    """ITM chunks [0, negatives, 0] share K/V without copies: same outputs, gradients and draws."""
+    _, fast = pair()
+    fast.train(train)
+    image, queries, text, mask = inputs(batch=4)
+    negatives = torch.tensor([2, 0, 3, 1])
+    index = torch.cat([torch.arange(4), negatives, torch.arange(4)])  # [3B]
+    joint = torch.cat([queries, text], dim=1)[index % 4]
+    itm = itm_mask(mask[index % 4], QUERIES)
+
+    def run(image_index):
+        fast.zero_grad()
+        embeds = image.clone().requires_grad_(True)
+        torch.manual_seed(9)
+        out = fast(joint, QUERIES, itm, cross_kv=fast.cross_attention_kv(embeds), image_index=image_index)
+        (out.last_hidden_state * torch.linspace(-1, 1, WIDTH)).square().sum().backward()
+        return out.last_hidden_state, embeds.grad, {n: p.grad.clone() for n, p in fast.named_parameters()
+                                                   if p.grad is not None}
+
+    out_a, img_a, grads_a = run(index)
+    out_b, img_b, grads_b = run([0, negatives, 0])
+    if train:  # dropout really acted: a different seed changes the output
+        fast.zero_grad()
+        torch.manual_seed(10)
+        other = fast(joint, QUERIES, itm, cross_kv=fast.cross_attention_kv(image), image_index=index)
+        assert (other.last_hidden_state - out_a).abs().max() > 1e-2
+    assert torch.allclose(out_a, out_b, atol=1e-5)
+    assert torch.allclose(img_a, img_b, atol=1e-5)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], atol=1e-5), name
+
+
+def test_chunks_with_offsets_read_the_right_kv_rows():
+    """Several ranks: K/V [local; negatives] ([2B]) and chunks [0, B, 0] == gathering [local, B + local, local]."""
+    _, fast = pair()
+    fast.eval()
+    image, queries, text, mask = inputs(batch=8)  # rows 4..7 stand for gathered negatives
+    index = torch.cat([torch.arange(4), torch.arange(4) + 4, torch.arange(4)])
+    joint = torch.cat([queries[:4], text[:4]], dim=1).repeat(3, 1, 1)
+    itm = itm_mask(mask[:4].repeat(3, 1), QUERIES)
+    kv = fast.cross_attention_kv(image)
+    a = fast(joint, QUERIES, itm, cross_kv=kv, image_index=index).last_hidden_state
+    b = fast(joint, QUERIES, itm, cross_kv=kv, image_index=[0, 4, 0]).last_hidden_state
+    assert torch.allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match="equal chunks"):
+        fast(joint[:10], QUERIES, itm[:10], cross_kv=kv, image_index=[0, 4, 0])
+
+
 def test_gradient_checkpointing_keeps_gradients():
     _, fast = pair()
     kwargs = passes(*inputs())["itg"]

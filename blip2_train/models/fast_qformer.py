@@ -20,6 +20,10 @@ from torch.utils.checkpoint import checkpoint
 
 # Per cross-attention layer, in layer order: (key, value), each [B, heads, N, head_dim].
 CrossKV = list[tuple[torch.Tensor, torch.Tensor]]
+# The rows of a pass in equal chunks of C rows; per chunk, where its images' K/V are: an int
+# offset o (row b reads K/V row o + b: a view) or a LongTensor [C] of K/V rows (a gather).
+# ITM on one process: [0, negative_images, 0]; on several: K/V [local; negatives] and [0, B, 0].
+Chunks = list  # list[int | torch.Tensor]
 
 
 class QFormerOutput(NamedTuple):
@@ -52,13 +56,72 @@ class MultiHeadAttention(nn.Module):
         return self.heads(self.key(states)), self.heads(self.value(states))
 
     def forward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor],
-                kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-        """hidden [B, L, H] attends to itself, or to ``kv`` (cross-attention) -> [B, L, H]."""
+                kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None, chunks: Optional[Chunks] = None) -> torch.Tensor:
+        """hidden [B, L, H] attends to itself, or to ``kv`` (cross-attention) -> [B, L, H].
+
+        ``chunks`` (cross-attention only): the rows come in ``len(chunks)`` equal chunks, each
+        naming its images in ``kv`` (see :data:`Chunks`).
+        """
         key, value = kv if kv is not None else self.key_value(hidden)
-        out = F.scaled_dot_product_attention(
-            self.heads(self.query(hidden)), key, value, attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0, scale=self.head_dim ** -0.5)
+        query = self.heads(self.query(hidden))  # [B, h, L, d]
+        if chunks is None:
+            out = self.attend(query, key, value, mask)
+        else:
+            out = self.attend_chunks(query, key, value, chunks)
         return out.transpose(1, 2).reshape(*hidden.shape[:-1], -1)  # [B, L, H]
+
+    def attend(self, query, key, value, mask, keep=None) -> torch.Tensor:
+        """softmax(q k^T * scale + mask) (dropout) v: [B, h, L, d].
+
+        Without dropout: SDPA (its fused CPU/GPU kernels). With dropout, written out: SDPA's
+        math fallback would scale both q and k and copy k^T; here k^T stays a strided view and
+        the scale goes onto the [L, N] scores. Same draws as dropout on the probabilities
+        (``keep``: a ready mask of kept / (1 - p), drawn by the caller in another layout).
+        """
+        p = self.dropout if self.training else 0.0
+        if p == 0.0 and keep is None:
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=self.head_dim ** -0.5)
+        scores = torch.matmul(query, key.transpose(-1, -2)).mul_(self.head_dim ** -0.5)  # [B, h, L, N]
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        probs = scores.softmax(dim=-1)
+        probs = probs * keep if keep is not None else F.dropout(probs, p)
+        return torch.matmul(probs, value)
+
+    def attend_chunks(self, query, key, value, chunks: Chunks) -> torch.Tensor:
+        """Cross-attention of rows in chunks over shared K/V without copying K/V per row.
+
+        Chunks that read the same contiguous K/V rows (an ``int`` offset) are stacked along the
+        query axis, so one [B, h, k*Q, N] product serves k chunks; a chunk given as an index
+        tensor gathers its own K/V. Dropout draws as for the [R, h, Q, N] probabilities at once.
+        """
+        n = len(chunks)
+        rows = query.shape[0] // n
+        if rows * n != query.shape[0]:
+            raise ValueError(f"{query.shape[0]} rows do not split into {n} equal chunks")
+        q = query.unflatten(0, (n, rows))  # [n, C, h, Q, d]
+        heads, length = query.shape[1], query.shape[2]
+        keep = None
+        p = self.dropout if self.training else 0.0
+        if p > 0.0:  # the draws dropout on [R, h, Q, N] probabilities would make, in that layout
+            keep = torch.empty(query.shape[0], heads, length, key.shape[2], dtype=query.dtype,
+                               device=query.device).bernoulli_(1 - p).div_(1 - p).unflatten(0, (n, rows))
+        outs: list[Optional[torch.Tensor]] = [None] * n
+        groups: dict[int, list[int]] = {}
+        for i, chunk in enumerate(chunks):
+            if isinstance(chunk, int):
+                groups.setdefault(chunk, []).append(i)
+            else:  # an index tensor [C] into the K/V batch
+                outs[i] = self.attend(q[i], key[chunk], value[chunk], None,
+                                      None if keep is None else keep[i])
+        for offset, members in groups.items():
+            k, v = key[offset: offset + rows], value[offset: offset + rows]  # views
+            stacked = torch.cat([q[i] for i in members], dim=2)  # [C, h, k*Q, d]
+            mask = None if keep is None else torch.cat([keep[i] for i in members], dim=2)
+            out = self.attend(stacked, k, v, None, mask)
+            for j, i in enumerate(members):
+                outs[i] = out[:, :, j * length: (j + 1) * length]
+        return torch.stack(outs).flatten(0, 1)  # [R, h, Q, d]
 
 
 class DenseResidual(nn.Module):
@@ -96,8 +159,8 @@ class Attention(nn.Module):
         self.attention = MultiHeadAttention(config, is_cross_attention)
         self.output = DenseResidual(config.hidden_size, config)
 
-    def forward(self, hidden, mask=None, kv=None):
-        return self.output(self.attention(hidden, mask, kv), hidden)
+    def forward(self, hidden, mask=None, kv=None, chunks=None):
+        return self.output(self.attention(hidden, mask, kv, chunks), hidden)
 
 
 class QFormerLayer(nn.Module):
@@ -118,7 +181,7 @@ class QFormerLayer(nn.Module):
         self.output_query = DenseResidual(config.intermediate_size, config)
 
     def forward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor], query_length: int,
-                kv: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+                kv: Optional[tuple[torch.Tensor, torch.Tensor]], chunks: Optional[Chunks] = None) -> torch.Tensor:
         attended = self.attention(hidden, mask)  # [B, L, H]
         if query_length == 0:
             return self.output(self.intermediate(attended), attended)
@@ -126,7 +189,7 @@ class QFormerLayer(nn.Module):
         if self.has_cross_attention:
             if kv is None:
                 raise ValueError("this layer cross-attends: pass encoder_hidden_states or cross_kv")
-            queries = self.crossattention(queries, kv=kv)
+            queries = self.crossattention(queries, kv=kv, chunks=chunks)
         out = self.output_query(self.intermediate_query(queries), queries)
         if attended.shape[1] > query_length:
             text = attended[:, query_length:]  # [B, T, H]
@@ -180,13 +243,14 @@ class FastQFormerModel(nn.Module):
                 attention_mask: Optional[torch.Tensor] = None,
                 encoder_hidden_states: Optional[torch.Tensor] = None,
                 cross_kv: Optional[CrossKV] = None,
-                image_index: Optional[torch.Tensor] = None) -> QFormerOutput:
+                image_index: Optional[torch.Tensor | Chunks] = None) -> QFormerOutput:
         """[queries; text] embeddings [B, L, H] -> [B, L, H].
 
         The first ``query_length`` positions are queries (they cross-attend). ``attention_mask``:
         boolean, [B, L] (key padding) or prepared 4-D [B, 1, L or 1, L] (True = may attend).
         The image comes as ``encoder_hidden_states`` [B', N, W] or as precomputed ``cross_kv``
-        (batch B'); ``image_index`` [B] (long) picks the image of each row, default row b <- b.
+        (batch B'); ``image_index`` picks the image of each row, default row b <- b: a LongTensor
+        [B] (K/V gathered per row) or :data:`Chunks` (K/V shared by whole chunks, no copies).
         """
         query_length = query_embeds.shape[1] if query_length is None else query_length
         dtype = self.layernorm.weight.dtype
@@ -198,10 +262,13 @@ class FastQFormerModel(nn.Module):
         kv_iter = iter(cross_kv or [])
         for layer in self.encoder.layer:
             kv = next(kv_iter, None) if layer.has_cross_attention and query_length > 0 else None
-            if kv is not None and image_index is not None:
+            chunks = None
+            if kv is not None and isinstance(image_index, torch.Tensor):
                 kv = (kv[0][image_index], kv[1][image_index])  # [B, h, N, d]
+            elif kv is not None and image_index is not None:
+                chunks = image_index
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                hidden = checkpoint(layer, hidden, attention_mask, query_length, kv, use_reentrant=False)
+                hidden = checkpoint(layer, hidden, attention_mask, query_length, kv, chunks, use_reentrant=False)
             else:
-                hidden = layer(hidden, attention_mask, query_length, kv)
+                hidden = layer(hidden, attention_mask, query_length, kv, chunks)
         return QFormerOutput(hidden)

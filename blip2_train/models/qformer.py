@@ -173,7 +173,7 @@ class QFormer(nn.Module):
         return self._encode(embeds, 0, attention_mask.bool()[:, None, None, :])
 
     def joint_forward(self, image_embeds: torch.Tensor | None, input_ids: torch.Tensor, mask: torch.Tensor,
-                      cross_kv: CrossKV | None = None, image_index: torch.Tensor | None = None) -> torch.Tensor:
+                      cross_kv: CrossKV | None = None, image_index: torch.Tensor | list | None = None) -> torch.Tensor:
         """[queries; text] under a prepared boolean 4-D mask: [B, Q+T, H]."""
         queries = self.query_tokens.expand(input_ids.shape[0], -1, -1)
         embeds = self.embeddings(input_ids=input_ids, query_embeds=queries)
@@ -188,7 +188,7 @@ class QFormer(nn.Module):
         return F.normalize(self.text_projection(text_output[:, 0]), dim=-1)
 
     def itm_logits(self, image_embeds: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   cross_kv: CrossKV | None = None, image_index: torch.Tensor | None = None) -> torch.Tensor:
+                   cross_kv: CrossKV | None = None, image_index: torch.Tensor | list | None = None) -> torch.Tensor:
         """ITM logits averaged over the query outputs: [B, 2]."""
         hidden = self.joint_forward(image_embeds, input_ids, itm_mask(attention_mask, self.num_query_tokens),
                                     cross_kv, image_index)
