@@ -44,6 +44,8 @@ class Blip2Base(L.LightningModule):
                              query_only=query_only)
         if cfg.qformer.bert and not query_only:
             self.model.load_bert(cfg.qformer.bert)
+        if cfg.trainer.compile:  # in place: parameter names stay; dynamic: text lengths vary per batch
+            self.model.qformer.compile(dynamic=True)
         self.register_buffer("skipped_samples", torch.zeros((), dtype=torch.long), persistent=True)
         self.register_buffer("seen_samples", torch.zeros((), dtype=torch.long), persistent=True)
         log.info("trainable parameters: %.2fM (of %.2fM)", num_parameters(self, True) / 1e6,

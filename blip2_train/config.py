@@ -28,6 +28,8 @@ class EncoderConfig:
     drop_last_blocks: int = 1  # BLIP-2 takes the output of the second-to-last block
     precision: str = "fp32"  # fp32 | fp16 | bf16 (weights and compute of the frozen ViT)
     freeze: bool = True
+    # freeze=false only: recompute each ViT block in backward (activation memory ~ one block)
+    gradient_checkpointing: bool = False
 
 
 @dataclass

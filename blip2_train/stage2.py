@@ -52,8 +52,7 @@ class Stage2Module(Blip2Base):
     # ------------------------------------------------------------------------------- forward
     def visual_prompts(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> projected query outputs [B, Q, D_llm]."""
-        with torch.no_grad():
-            vision_tokens = self.encoder(images)
+        vision_tokens = self.encoder(images)  # under no_grad and detached when frozen
         query_output = self.model.query_forward(self.model.encode_image(vision_tokens))
         return self.language_projection(query_output)
 

@@ -231,6 +231,24 @@ def test_unfrozen_encoder_trains():
         build_image_encoder(encoder_cfg("tiny_eva", freeze=False, precision="fp16"))
 
 
+@pytest.mark.parametrize("name", ["tiny_eva", "tiny_clip"])
+def test_gradient_checkpointing_of_an_unfrozen_encoder_keeps_gradients(name):
+    """encoder.gradient_checkpointing recomputes the blocks in backward: same loss, same gradients."""
+    grads = []
+    for checkpointing in (False, True):
+        enc = seeded(name, freeze=False, gradient_checkpointing=checkpointing).eval()  # eval: no drop-path
+        assert enc.gradient_checkpointing == checkpointing
+        loss = enc(images()).square().mean()
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad for n, p in enc.named_parameters()}))
+    (loss_a, a), (loss_b, b) = grads
+    assert torch.allclose(loss_a, loss_b, atol=1e-6) and a.keys() == b.keys() and len(a) > 10
+    for n in a:
+        assert a[n] is not None and torch.allclose(a[n], b[n], atol=1e-6), n
+    with pytest.raises(ValueError, match="needs encoder.freeze=false"):
+        seeded(name, gradient_checkpointing=True)
+
+
 def test_bad_sizes_are_refused():
     with pytest.raises(ValueError, match="multiple of the patch size 8"):
         build_image_encoder(encoder_cfg("tiny_eva", image_size=60))

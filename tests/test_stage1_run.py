@@ -99,3 +99,15 @@ def test_loggers_write_under_run_dir_and_wandb_keeps_its_run_on_resume(tmp_path,
     assert (run / "wandb_id.txt").read_text().strip() == run_id
     runs = {p.name.rsplit("-", 1)[-1] for p in (run / "wandb").glob("offline-run-*")}
     assert runs == {run_id}  # the resumed run logs to the same wandb run
+
+
+@pytest.mark.slow
+def test_compiled_qformer_trains_with_the_pinned_losses(tmp_path, cache):
+    """trainer.compile=true (torch.compile of the Q-Former, minutes of compilation on CPU): same losses."""
+    from blip2_train.train import train
+
+    train(make_cfg(tmp_path, cache, "trainer.compile=true"))
+    losses = losses_of(tmp_path / "run")
+    assert losses[:3] == pytest.approx(PINNED_LOSSES, rel=1e-3)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert "model.qformer.encoder.layer.0.attention.attention.query.weight" in state  # names unchanged

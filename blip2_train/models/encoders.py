@@ -315,7 +315,7 @@ class FrozenImageEncoder(nn.Module):
     """
 
     def __init__(self, visual: nn.Module, image_size: int, drop_last_blocks: int = 1,
-                 precision: str = "fp32", freeze: bool = True):
+                 precision: str = "fp32", freeze: bool = True, gradient_checkpointing: bool = False):
         super().__init__()
         self.kind = "eva" if hasattr(visual, "trunk") else "clip"
         self.image_size = int(image_size)
@@ -345,6 +345,13 @@ class FrozenImageEncoder(nn.Module):
         if self.frozen:
             vit.requires_grad_(False)
             self.eval()
+        if gradient_checkpointing:
+            if self.frozen:
+                raise ValueError("encoder.gradient_checkpointing=true needs encoder.freeze=false: a frozen "
+                                 "encoder runs under no_grad and keeps no activations to recompute")
+            # timm's Eva and open_clip's VisionTransformer both recompute their blocks in backward
+            (vit if self.kind == "eva" else visual).set_grad_checkpointing(True)
+        self.gradient_checkpointing = bool(gradient_checkpointing)
 
     def train(self, mode: bool = True):
         """A frozen encoder stays in eval mode whatever is asked (no dropout or drop-path)."""
@@ -423,5 +430,6 @@ def build_image_encoder(cfg, device: str | torch.device = "cpu") -> FrozenImageE
     _check(cfg)
     meta = str(device) == "meta"
     visual = _create_visual(cfg, "meta" if meta else "cpu")
-    encoder = FrozenImageEncoder(visual, cfg.image_size, cfg.drop_last_blocks, cfg.precision, cfg.freeze)
+    encoder = FrozenImageEncoder(visual, cfg.image_size, cfg.drop_last_blocks, cfg.precision, cfg.freeze,
+                                 bool(getattr(cfg, "gradient_checkpointing", False)))
     return encoder if meta or str(device) == "cpu" else encoder.to(device)
