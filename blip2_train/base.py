@@ -75,13 +75,31 @@ class Blip2Base(L.LightningModule):
     def lr_scheduler_step(self, scheduler, metric):
         scheduler.step()
 
+    # ------------------------------------------------------------------------------- sharding
+    def configure_model(self) -> None:
+        """trainer=fsdp: shard into FSDP2 units (blip2_train/fsdp.py); a no-op for other strategies."""
+        from torch.distributed.fsdp import FSDPModule
+
+        if self.device_mesh is None or isinstance(self.model, FSDPModule):  # not FSDP, or done already
+            return
+        from blip2_train.fsdp import shard_blip2
+
+        self._fsdp_trainable_units = shard_blip2(self, self.device_mesh["data_parallel"])
+
+    def on_after_backward(self) -> None:
+        if getattr(self, "_fsdp_trainable_units", None):
+            from blip2_train.fsdp import reshard_trainable
+
+            reshard_trainable(self._fsdp_trainable_units)
+
     # ----------------------------------------------------------------------------- checkpoint
     def encoder_is_rebuildable(self) -> bool:
         """A frozen encoder with pretrained weights is rebuilt from them, so it is not saved."""
         return bool(self.cfg.encoder.pretrained) and bool(self.cfg.encoder.freeze)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.encoder_is_rebuildable():
+        # A sharded (FSDP) checkpoint keeps every weight: loading it back requires every key.
+        if self.encoder_is_rebuildable() and self.device_mesh is None:
             state = checkpoint["state_dict"]
             for key in [k for k in state if k.startswith("encoder.")]:
                 del state[key]

@@ -109,10 +109,18 @@ def build_strategy(cfg: DictConfig):
         # frozen parts have requires_grad=False before wrapping, so no unused-parameter search
         return DDPStrategy(find_unused_parameters=False)
     if strategy == "fsdp":
-        raise NotImplementedError(
-            "trainer=fsdp composes but does not train yet (FSDP2 sharding of the Q-Former's method-driven "
-            "passes is work in progress, see the scale-out issue); use trainer=ddp meanwhile")
+        from blip2_train.fsdp import FSDP2Strategy
+
+        # each rank writes its own shards: last.ckpt is a directory (blip2_train.consolidate -> one file)
+        return FSDP2Strategy(save_distributed_checkpoint=True)
     return "auto"
+
+
+def checkpoint_step(path: Path) -> int:
+    """The global step a checkpoint was written at: a ``.ckpt`` file, or a sharded (FSDP) checkpoint
+    directory, whose ``meta.pt`` holds everything but the tensors."""
+    meta = path / "meta.pt" if path.is_dir() else path
+    return int(torch.load(meta, map_location="cpu", weights_only=True).get("global_step", 0))
 
 
 def write_metrics(run_dir: Path, metrics: dict, global_step: int, extra: dict) -> dict:
@@ -147,7 +155,7 @@ def train(cfg: DictConfig) -> dict:
         load_init(module, cfg.init_from)
     resumed_from = 0
     if resume is not None:
-        resumed_from = int(torch.load(resume, map_location="cpu", weights_only=True).get("global_step", 0))
+        resumed_from = checkpoint_step(resume)
         log.info("resuming from %s (step %d)", resume, resumed_from)
     tracker = ValidationTracker()
     trainer = build_trainer(cfg, run_dir, tracker, resumed_from)
