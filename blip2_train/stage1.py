@@ -120,7 +120,7 @@ class Stage1Module(Blip2Base):
         self.log("train/temp", self.model.current_temperature().detach(), batch_size=batch_size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
         self.check_skipped_fraction()
-        return losses["loss"]
+        return self.finite_or_skip(losses["loss"], batch)
 
     # ----------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:

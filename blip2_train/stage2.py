@@ -109,7 +109,7 @@ class Stage2Module(Blip2Base):
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
         self.check_skipped_fraction()
-        return loss
+        return self.finite_or_skip(loss, batch)
 
     # ----------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
