@@ -14,6 +14,7 @@ from torch import nn
 
 from blip2_train.base import Blip2Base
 from blip2_train.models.llm import build_llm
+from blip2_train.tracking import NUM_SAMPLES
 
 
 class Stage2Module(Blip2Base):
@@ -30,6 +31,7 @@ class Stage2Module(Blip2Base):
         else:
             self.end_token_id = self.llm_tokenizer.eos_token_id
         self.predictions: dict[str, str] = {}
+        self.val_samples: list[dict] = []  # written by tracking.ValidationSamples
         self._val: dict = {}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -113,7 +115,7 @@ class Stage2Module(Blip2Base):
 
     # ----------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
-        self._val = {"loss": [], "count": [], "refs": defaultdict(list), "preds": {}, "keys": {}}
+        self._val = {"loss": [], "count": [], "refs": defaultdict(list), "preds": {}, "keys": {}, "samples": []}
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         prompts = self.visual_prompts(batch["image"])
@@ -134,6 +136,9 @@ class Stage2Module(Blip2Base):
                 for (image_id, i), caption in zip(first.items(), captions):
                     self._val["preds"][image_id] = caption
                     self._val["keys"][image_id] = batch["key"][i]
+                    if len(self._val["samples"]) < NUM_SAMPLES:  # the validation table (tracking.py)
+                        self._val["samples"].append({"image": batch["image"][i].cpu(), "key": batch["key"][i],
+                                                     "image_id": image_id, "generated_caption": caption})
 
     def on_validation_epoch_end(self) -> None:
         from blip2_train.metrics.captioning import caption_metrics
@@ -147,3 +152,5 @@ class Stage2Module(Blip2Base):
             self.log("cider", scores["cider"])
             self.log("bleu4", scores["bleu4"])
             self.predictions = {self._val["keys"][i]: c for i, c in self._val["preds"].items()}
+            self.val_samples = [{**row, "reference": self._val["refs"][row.pop("image_id")][0]}
+                                for row in self._val["samples"]]

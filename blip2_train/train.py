@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from blip2_train.callbacks import AtomicLastCheckpoint, ValidationTracker
 from blip2_train.config import validate
+from blip2_train.tracking import Throughput, ValidationSamples
 
 log = logging.getLogger("blip2_train")
 
@@ -83,7 +84,8 @@ def build_loggers(cfg: DictConfig, run_dir: Path, resumed_from: int = 0) -> list
 def build_trainer(cfg: DictConfig, run_dir: Path, tracker: ValidationTracker, resumed_from: int = 0) -> L.Trainer:
     t = cfg.trainer
     every = cfg.checkpoint.every_n_steps
-    callbacks = [AtomicLastCheckpoint(run_dir / "checkpoints", every_n_steps=every), tracker]
+    callbacks = [AtomicLastCheckpoint(run_dir / "checkpoints", every_n_steps=every), tracker,
+                 Throughput(t.log_every_n_steps), ValidationSamples(run_dir)]
     if t.enable_progress_bar:
         from lightning.pytorch.callbacks import TQDMProgressBar
 
