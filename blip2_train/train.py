@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from blip2_train.callbacks import AtomicLastCheckpoint, ValidationTracker
 from blip2_train.config import validate
+from blip2_train.slurm import apply_slurm_topology
 from blip2_train.tracking import Throughput, ValidationSamples
 
 log = logging.getLogger("blip2_train")
@@ -136,6 +137,7 @@ def write_metrics(run_dir: Path, metrics: dict, global_step: int, extra: dict) -
 def train(cfg: DictConfig) -> dict:
     """Run one training job described by ``cfg``; returns the final metrics (also in metrics.json)."""
     validate(cfg)
+    apply_slurm_topology(cfg)  # a submitit SLURM job: devices / num_nodes from the allocation
     # Lightning's DDP launcher re-runs this script for ranks > 0: they must share rank 0's run_dir
     # (a ${now:...} default would otherwise give one directory per process).
     if os.environ.get("BLIP2_RUN_DIR") and int(os.environ.get("LOCAL_RANK", 0)) > 0:
