@@ -60,7 +60,8 @@ def _local_batch(rank, vocab, per_rank=4, length=12):
 
 def _grad_worker(rank, world, port, cache, out):
     """One step of the same batch half through an unsharded replica whose gradients are averaged
-    (what DDP does) and through the FSDP-sharded model; the same ITM negatives (same generator)."""
+    (what DDP does) and through the FSDP-sharded model; the same ITM negatives (same generator).
+    The sharded model first runs a forward without backward (a skipped non-finite step)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
@@ -71,6 +72,7 @@ def _grad_worker(rank, world, port, cache, out):
     replica, sharded = _stage1_module(cache), _stage1_module(cache)
     units = shard_blip2(sharded, init_device_mesh("cpu", (world,)))
     batch = _local_batch(rank, len(replica.tokenizer))
+    sharded.stage1_losses(batch)  # a forward without backward first, as a skipped non-finite step leaves
     losses = {}
     for name, module in (("replica", replica), ("fsdp", sharded)):
         module.itm_generator = torch.Generator().manual_seed(100 + rank)
