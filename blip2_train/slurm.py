@@ -32,10 +32,9 @@ def apply_slurm_topology(cfg: DictConfig, env=os.environ) -> bool:
         raise ValueError(f"trainer.devices={t.devices} / trainer.num_nodes={t.num_nodes} disagree with the SLURM "
                          f"allocation ({tasks} tasks per node on {nodes} nodes): leave them at auto / 1, or "
                          f"change hydra.launcher.gpus_per_node / hydra.launcher.nodes")
-    if tasks > 1 or nodes > 1:
-        if t.strategy not in ("ddp", "fsdp"):
-            raise ValueError(f"{tasks} tasks per node x {nodes} nodes need trainer=ddp or trainer=fsdp, "
-                             f"got trainer.strategy={t.strategy}")
+    if (tasks > 1 or nodes > 1) and t.strategy not in ("ddp", "fsdp"):
+        raise ValueError(f"{tasks} tasks per node x {nodes} nodes need trainer=ddp or trainer=fsdp, "
+                         f"got trainer.strategy={t.strategy}")
     with open_dict(cfg):
         t.devices, t.num_nodes = tasks, nodes
     return True
@@ -58,10 +57,9 @@ def compose_submission(overrides: list[str]) -> DictConfig:
 def sbatch_script(cfg: DictConfig, overrides: list[str]) -> tuple[str, dict]:
     """(sbatch script, submitit slurm parameters) as hydra-submitit-launcher would build them."""
     import submitit
+    from hydra.core.hydra_config import HydraConfig
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
     from submitit.slurm.slurm import _make_sbatch_string
-
-    from hydra.core.hydra_config import HydraConfig
 
     HydraConfig.instance().set_config(cfg)  # ${hydra:...} interpolations resolve against this cfg
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
@@ -78,7 +76,7 @@ def sbatch_script(cfg: DictConfig, overrides: list[str]) -> tuple[str, dict]:
     base = set(OmegaConf.structured(BaseQueueConf).keys())
     executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in launcher.items()})
     params = dict(executor._executor.parameters)  # what submitit passes to sbatch
-    command = " ".join([sys.executable, "-u", "-m", "submitit.core._submit", folder])
+    command = f"{sys.executable} -u -m submitit.core._submit {folder}"
     return _make_sbatch_string(command=command, folder=folder, **params), params
 
 

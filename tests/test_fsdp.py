@@ -130,7 +130,7 @@ def _run(tmp_path, cache, run, *extra):
     cmd = [sys.executable, "-m", "blip2_train", f"run_dir={run}", f"cache_dir={cache}", *SMALL, *extra]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("BLIP2_RUN_DIR", None)
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((run / "metrics.json").read_text())
 

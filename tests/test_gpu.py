@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-
 from test_stage1_run import make_cfg  # tests/ is on sys.path under pytest
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -22,7 +21,7 @@ def test_bf16_training_on_gpu(tmp_path, cache, trainer):
 
     metrics = train(make_cfg(tmp_path, cache, f"trainer={trainer}", "trainer.accelerator=gpu",
                              "trainer.devices=1", "trainer.max_steps=20"))
-    rows = list(csv.DictReader(open(tmp_path / "run" / "logs" / "metrics.csv")))
+    rows = list(csv.DictReader((tmp_path / "run" / "logs" / "metrics.csv").read_text().splitlines()))
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     memory = [float(r["train/gpu_mem_max_gb"]) for r in rows if r.get("train/gpu_mem_max_gb")]
     config = (tmp_path / "run" / "config.yaml").read_text()

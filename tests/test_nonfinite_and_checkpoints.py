@@ -5,7 +5,6 @@ import csv
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-
 from test_stage1_run import make_cfg  # tests/ is on sys.path under pytest
 
 
@@ -70,7 +69,7 @@ def test_nonfinite_loss_skips_the_update_and_is_counted(tmp_path, cache, monkeyp
     run_with(make_cfg(tmp_path, cache, "trainer.max_steps=3"), bad)
     assert bad.before and all(torch.equal(bad.before[n], bad.after[n]) for n in bad.before)
     assert "non-finite loss" in caplog.text and "batch keys: [" in caplog.text  # the samples are named
-    rows = list(csv.DictReader(open(tmp_path / "run" / "logs" / "metrics.csv")))
+    rows = list(csv.DictReader((tmp_path / "run" / "logs" / "metrics.csv").read_text().splitlines()))
     counts = [float(r["train/nonfinite_steps"]) for r in rows if r.get("train/nonfinite_steps")]
     assert counts == [0.0, 1.0, 1.0]
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]

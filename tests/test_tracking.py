@@ -4,7 +4,6 @@ import csv
 import json
 
 import pytest
-
 from test_stage1_run import make_cfg  # tests/ is on sys.path under pytest
 
 
@@ -18,7 +17,7 @@ def test_csv_logs_throughput_and_the_validation_table(tmp_path, cache):
 
     train(make_cfg(tmp_path, cache, "trainer.max_steps=3", "trainer.val_check_interval=3"))
     run = tmp_path / "run"
-    rows = list(csv.DictReader(open(run / "logs" / "metrics.csv")))
+    rows = list(csv.DictReader((run / "logs" / "metrics.csv").read_text().splitlines()))
 
     def values(name):
         return [float(r[name]) for r in rows if r.get(name)]
