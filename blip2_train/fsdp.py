@@ -32,6 +32,8 @@ with one device or DDP, so the three give the same numerics. On CPU everything i
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
@@ -77,6 +79,11 @@ def _policies():
 
 def _is_frozen(module: nn.Module) -> bool:
     return not any(p.requires_grad for p in module.parameters())
+
+
+# FSDP2 warns for every unit output that is a view (the Q-Former's K/V heads, the temperature): an
+# in-place op on one would skip a gather. No such op follows; tests/test_fsdp.py checks the gradients.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
 
 def shard_blip2(module: nn.Module, mesh) -> list[nn.Module]:
