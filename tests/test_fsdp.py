@@ -156,3 +156,7 @@ def test_fsdp_run_saves_shards_resumes_consolidates_and_evaluates(tmp_path, cach
     names = ["val/loss", "cider"] if stage == "2" else ["itc/txt_r1", "itm/img_r5", "itc/img_r_mean"]
     for name in names:  # the consolidated weights are the ones the run validated with
         assert result["metrics"][name] == pytest.approx(second[name], abs=1e-5), name
+    table = [json.loads(line) for line in (run / "val_samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in table] == [2] * 4 + [4] * 4  # one table per validation, rank 0 only
+    text = "generated_caption" if stage == "2" else "top_retrieved_caption"
+    assert all(isinstance(r[text], str) for r in table)

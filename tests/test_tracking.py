@@ -46,3 +46,16 @@ def test_offline_wandb_gets_the_validation_table(tmp_path, cache, monkeypatch):
     assert len(tables) == 1
     table = json.loads(tables[0].read_text())
     assert table["columns"] == ["image", "key", "caption", "top_retrieved_caption"] and len(table["data"]) == 4
+
+
+def test_tensorboard_gets_the_validation_table_as_markdown(tmp_path, cache):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from blip2_train.train import train
+
+    train(make_cfg(tmp_path, cache, "logger=tensorboard", "trainer.max_steps=1"))
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"tensors": 0}).Reload()
+    (event,) = events.Tensors("val/samples/text_summary")
+    markdown = event.tensor_proto.string_val[0].decode()
+    lines = markdown.splitlines()
+    assert lines[0] == "| key | caption | top_retrieved_caption |" and len(lines) == 2 + 4
