@@ -104,3 +104,30 @@ def test_checkpoint_every_n_steps_writes_last_ckpt_at_those_steps(tmp_path, cach
     assert saved == [2, 4, 5]  # every 2 steps, and at the end
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 5
+
+
+def _skip_worker(rank, world, port, cache, out):
+    import os
+
+    import torch.distributed as dist
+
+    from test_fsdp import _module
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    module = _module(cache, "1")
+    nan_on_rank0 = torch.tensor(float("nan") if rank == 0 else 1.0)
+    out[rank] = [module.finite_or_skip(nan_on_rank0, {"key": [f"r{rank}"]}) is None, int(module.nonfinite_steps),
+                 module.finite_or_skip(torch.tensor(2.0), {}) is None]
+    dist.destroy_process_group()
+
+
+def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(cache):
+    import torch.multiprocessing as mp
+
+    from test_fsdp import _free_port, _module
+
+    _module(cache, "1")  # the tiny tokenizer, written once
+    out = mp.get_context("spawn").Manager().dict()
+    mp.start_processes(_skip_worker, args=(2, _free_port(), str(cache), out), nprocs=2, start_method="spawn")
+    assert out[0] == out[1] == [True, 1, False]  # both skip, both count it; then both step again
