@@ -110,7 +110,6 @@ def _skip_worker(rank, world, port, cache, out):
     import os
 
     import torch.distributed as dist
-
     from test_fsdp import _module
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -124,7 +123,6 @@ def _skip_worker(rank, world, port, cache, out):
 
 def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(cache):
     import torch.multiprocessing as mp
-
     from test_fsdp import _free_port, _module
 
     _module(cache, "1")  # the tiny tokenizer, written once
