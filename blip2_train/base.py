@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from blip2_train.models.encoders import build_image_encoder
@@ -48,6 +49,8 @@ class Blip2Base(L.LightningModule):
             self.model.qformer.compile(dynamic=True)
         self.register_buffer("skipped_samples", torch.zeros((), dtype=torch.long), persistent=True)
         self.register_buffer("seen_samples", torch.zeros((), dtype=torch.long), persistent=True)
+        self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.long), persistent=True)
+        self._nonfinite_in_a_row = 0
         log.info("trainable parameters: %.2fM (of %.2fM)", num_parameters(self, True) / 1e6,
                  num_parameters(self) / 1e6)
 
@@ -70,6 +73,35 @@ class Blip2Base(L.LightningModule):
                 f"data.max_skipped_fraction={self.cfg.data.max_skipped_fraction}: check the shards "
                 f"(each skipped sample is logged with its shard and key)")
 
+    def finite_or_skip(self, loss: torch.Tensor, batch: dict) -> torch.Tensor | None:
+        """``loss``, or None when it is NaN/inf on any rank: Lightning then runs no backward, the
+        gradients stay cleared and the optimizer updates nothing (the step still counts).
+
+        This is the step's one host sync (a bool of one flag, all-reduced over ranks so that every
+        rank skips together); ``trainer.max_nonfinite_steps`` in a row stop the run."""
+        finite = torch.isfinite(loss.detach()).to(torch.float32)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if bool(finite):
+            self._nonfinite_in_a_row = 0
+            self.log("train/nonfinite_steps", self.nonfinite_steps.float(), on_step=True, on_epoch=False)
+            return loss
+        self.nonfinite_steps += 1
+        self._nonfinite_in_a_row += 1
+        self.log("train/nonfinite_steps", self.nonfinite_steps.float(), on_step=True, on_epoch=False)
+        keys = list(batch.get("key", []))
+        limit = self.cfg.trainer.max_nonfinite_steps
+        log.warning("non-finite loss (%s) at step %d, %d in a row: update skipped; batch keys: %s",
+                    loss.detach().float().cpu().item(), self.global_step, self._nonfinite_in_a_row,
+                    keys or "(the batch carries no keys)")
+        if self._nonfinite_in_a_row >= limit:
+            raise RuntimeError(
+                f"{self._nonfinite_in_a_row} non-finite losses in a row (trainer.max_nonfinite_steps={limit}), "
+                f"the last at step {self.global_step} (batch keys: {keys[:8] or 'none'}). Lower optim.lr, set "
+                f"trainer.gradient_clip_val, or check these samples; raise trainer.max_nonfinite_steps to "
+                f"tolerate more")
+        return None
+
     # ------------------------------------------------------------------------------ optimizer
     def configure_optimizers(self):
         return build_optimizer(self, self.cfg.optim, self.cfg.trainer.max_steps)
@@ -77,13 +109,31 @@ class Blip2Base(L.LightningModule):
     def lr_scheduler_step(self, scheduler, metric):
         scheduler.step()
 
+    # ------------------------------------------------------------------------------- sharding
+    def configure_model(self) -> None:
+        """trainer=fsdp: shard into FSDP2 units (blip2_train/fsdp.py); a no-op for other strategies."""
+        from torch.distributed.fsdp import FSDPModule
+
+        if self.device_mesh is None or isinstance(self.model, FSDPModule):  # not FSDP, or done already
+            return
+        from blip2_train.fsdp import shard_blip2
+
+        self._fsdp_trainable_units = shard_blip2(self, self.device_mesh["data_parallel"])
+
+    def on_after_backward(self) -> None:
+        if getattr(self, "_fsdp_trainable_units", None):
+            from blip2_train.fsdp import reshard_trainable
+
+            reshard_trainable(self._fsdp_trainable_units)
+
     # ----------------------------------------------------------------------------- checkpoint
     def encoder_is_rebuildable(self) -> bool:
         """A frozen encoder with pretrained weights is rebuilt from them, so it is not saved."""
         return bool(self.cfg.encoder.pretrained) and bool(self.cfg.encoder.freeze)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.encoder_is_rebuildable():
+        # A sharded (FSDP) checkpoint keeps every weight: loading it back requires every key.
+        if self.encoder_is_rebuildable() and self.device_mesh is None:
             state = checkpoint["state_dict"]
             for key in [k for k in state if k.startswith("encoder.")]:
                 del state[key]

@@ -39,6 +39,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from blip2_train.config import DataConfig, OptimConfig, QFormerConfig, StageConfig
+from blip2_train.models.llm import FrozenLLM
 from blip2_train.stage1 import Stage1Module
 from blip2_train.stage2 import Stage2Module
 
@@ -103,8 +104,7 @@ class _Stage2:
 
     def __init__(self, model, projection, llm):
         self.model, self.language_projection, self.decoder_only = model, projection, True
-        self.llm = nn.Module()
-        self.llm.model = llm
+        self.llm = FrozenLLM(llm, dropout_in_train=False)
         self.encoder = nn.Identity()
 
 

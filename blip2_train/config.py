@@ -132,6 +132,8 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     gradient_clip_val: Optional[float] = None
     accumulate_grad_batches: int = 1
+    # A non-finite loss skips its update; this many in a row stop the run with an error.
+    max_nonfinite_steps: int = 10
     compile: bool = False
     deterministic: bool = False
     enable_progress_bar: bool = True

@@ -17,6 +17,7 @@ from blip2_train.losses import (
 )
 from blip2_train.models.qformer import itg_mask
 from blip2_train.retrieval import retrieval_metrics
+from blip2_train.tracking import NUM_SAMPLES
 
 
 class Stage1Module(Blip2Base):
@@ -26,6 +27,8 @@ class Stage1Module(Blip2Base):
         super().__init__(cfg)
         self.dec_token_id = self.tokenizer.convert_tokens_to_ids("[DEC]")
         self._val_outputs: list[dict] = []
+        self._val_images = torch.zeros(0)
+        self.val_samples: list[dict] = []  # written by tracking.ValidationSamples
         self.itm_generator: torch.Generator | None = None  # set by tests for reproducible sampling
 
     def text_collates(self):
@@ -121,7 +124,7 @@ class Stage1Module(Blip2Base):
         self.log("train/temp", self.model.current_temperature().detach(), batch_size=batch_size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
         self.check_skipped_fraction()
-        return losses["loss"]
+        return self.finite_or_skip(losses["loss"], batch)
 
     # ----------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
@@ -137,15 +140,32 @@ class Stage1Module(Blip2Base):
             "image_embeds": image_embeds.cpu(), "image_feats": image_feats.cpu(),
             "text_feats": text_feats.cpu(), "input_ids": batch["input_ids"].cpu(),
             "attention_mask": batch["attention_mask"].cpu(), "image_id": batch["image_id"].cpu(),
+            "caption": list(batch.get("caption", [])), "key": list(batch.get("key", [])),
         })
+        if batch_idx == 0:  # the images of the validation table (tracking.py)
+            self._val_images = batch["image"][:NUM_SAMPLES].cpu()
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_outputs:
             return
         metrics = self.compute_retrieval(self._val_outputs)
+        self.val_samples = self.top_captions(self._val_outputs, self._val_images)
         self._val_outputs = []
         for name, value in metrics.items():
             self.log(name, value, sync_dist=False, rank_zero_only=False)
+
+    @staticmethod
+    def top_captions(outputs: list[dict], images: torch.Tensor) -> list[dict]:
+        """The first validation images with the caption ITC ranks first among all val captions."""
+        captions = [c for o in outputs for c in o["caption"]]
+        keys = [k for o in outputs for k in o["key"]]
+        if not captions or not keys:
+            return []
+        text_feats = torch.cat([o["text_feats"] for o in outputs])  # [Nt, D]
+        image_feats = outputs[0]["image_feats"][: images.shape[0]]  # [n, Q, D]
+        best = torch.einsum("iqd,td->itq", image_feats.float(), text_feats.float()).amax(-1).argmax(1)
+        return [{"image": images[i], "key": keys[i], "caption": captions[i],
+                 "top_retrieved_caption": captions[j]} for i, j in enumerate(best.tolist())]
 
     @torch.no_grad()
     def compute_retrieval(self, outputs: list[dict]) -> dict[str, float]:

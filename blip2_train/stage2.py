@@ -14,6 +14,7 @@ from torch import nn
 
 from blip2_train.base import Blip2Base
 from blip2_train.models.llm import build_llm
+from blip2_train.tracking import NUM_SAMPLES
 
 
 class Stage2Module(Blip2Base):
@@ -30,11 +31,12 @@ class Stage2Module(Blip2Base):
         else:
             self.end_token_id = self.llm_tokenizer.eos_token_id
         self.predictions: dict[str, str] = {}
+        self.val_samples: list[dict] = []  # written by tracking.ValidationSamples
         self._val: dict = {}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        if not self.cfg.llm.name.startswith("tiny"):  # the frozen LLM is rebuilt from its weights
+        if not self.cfg.llm.name.startswith("tiny") and self.device_mesh is None:  # rebuilt from its weights
             state = checkpoint["state_dict"]
             for key in [k for k in state if k.startswith("llm.")]:
                 del state[key]
@@ -58,12 +60,12 @@ class Stage2Module(Blip2Base):
 
     def lm_loss(self, prompts: torch.Tensor, batch: dict) -> torch.Tensor:
         """Mean CE over target tokens; the Q visual prompts carry label -100 (never targets)."""
-        llm = self.llm.model
-        embed = llm.get_input_embeddings()
+        llm = self.llm
         ids, mask, labels = batch["llm_input_ids"], batch["llm_attention_mask"], batch["llm_labels"]
-        prompts = prompts.to(embed.weight.dtype)
+        text = llm.embed(ids)  # [B, T, D]
+        prompts = prompts.to(text.dtype)
         visual_mask = torch.ones(prompts.shape[:2], dtype=mask.dtype, device=mask.device)
-        inputs = torch.cat([prompts, embed(ids)], dim=1)  # [B, Q + T, D]
+        inputs = torch.cat([prompts, text], dim=1)  # [B, Q + T, D]
         attention = torch.cat([visual_mask, mask], dim=1)
         if self.decoder_only:
             ignore = torch.full(prompts.shape[:2], -100, dtype=labels.dtype, device=labels.device)
@@ -81,11 +83,11 @@ class Stage2Module(Blip2Base):
         text = gen["prompt"] if prompts is None else prompts
         texts = [text] * batch if isinstance(text, str) else list(text)
         visual = self.visual_prompts(images)
-        llm, tok = self.llm.model, self.llm_tokenizer
-        embed = llm.get_input_embeddings()
+        llm, tok = self.llm, self.llm_tokenizer
         tok.padding_side = "left" if self.decoder_only else "right"  # T5's encoder pads on the right
         enc = tok(texts, padding="longest", return_tensors="pt").to(images.device)
-        inputs = torch.cat([visual.to(embed.weight.dtype), embed(enc["input_ids"])], dim=1)
+        text = llm.embed(enc["input_ids"])
+        inputs = torch.cat([visual.to(text.dtype), text], dim=1)
         mask = torch.cat([torch.ones(visual.shape[:2], dtype=enc["attention_mask"].dtype, device=images.device),
                           enc["attention_mask"]], dim=1)
         if self.decoder_only:  # true left padding: move the pads in front of the visual prompts
@@ -95,7 +97,8 @@ class Stage2Module(Blip2Base):
         out = llm.generate(inputs_embeds=inputs, attention_mask=mask, num_beams=gen["num_beams"],
                            max_new_tokens=gen["max_new_tokens"], min_new_tokens=gen["min_new_tokens"],
                            length_penalty=gen["length_penalty"], eos_token_id=self.end_token_id,
-                           pad_token_id=tok.pad_token_id, do_sample=False)
+                           pad_token_id=tok.pad_token_id, do_sample=False,
+                           synced_gpus=self.device_mesh is not None)  # FSDP: every rank steps together
         tok.padding_side = "right"
         return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
 
@@ -107,11 +110,11 @@ class Stage2Module(Blip2Base):
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
         self.check_skipped_fraction()
-        return loss
+        return self.finite_or_skip(loss, batch)
 
     # ----------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
-        self._val = {"loss": [], "count": [], "refs": defaultdict(list), "preds": {}, "keys": {}}
+        self._val = {"loss": [], "count": [], "refs": defaultdict(list), "preds": {}, "keys": {}, "samples": []}
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         prompts = self.visual_prompts(batch["image"])
@@ -132,6 +135,9 @@ class Stage2Module(Blip2Base):
                 for (image_id, i), caption in zip(first.items(), captions):
                     self._val["preds"][image_id] = caption
                     self._val["keys"][image_id] = batch["key"][i]
+                    if len(self._val["samples"]) < NUM_SAMPLES:  # the validation table (tracking.py)
+                        self._val["samples"].append({"image": batch["image"][i].cpu(), "key": batch["key"][i],
+                                                     "image_id": image_id, "generated_caption": caption})
 
     def on_validation_epoch_end(self) -> None:
         from blip2_train.metrics.captioning import caption_metrics
@@ -145,3 +151,5 @@ class Stage2Module(Blip2Base):
             self.log("cider", scores["cider"])
             self.log("bleu4", scores["bleu4"])
             self.predictions = {self._val["keys"][i]: c for i, c in self._val["preds"].items()}
+            self.val_samples = [{**row, "reference": self._val["refs"][row.pop("image_id")][0]}
+                                for row in self._val["samples"]]

@@ -13,6 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from blip2_train.callbacks import AtomicLastCheckpoint, ValidationTracker
 from blip2_train.config import validate
+from blip2_train.slurm import apply_slurm_topology
+from blip2_train.tracking import Throughput, ValidationSamples
 
 log = logging.getLogger("blip2_train")
 
@@ -83,7 +85,8 @@ def build_loggers(cfg: DictConfig, run_dir: Path, resumed_from: int = 0) -> list
 def build_trainer(cfg: DictConfig, run_dir: Path, tracker: ValidationTracker, resumed_from: int = 0) -> L.Trainer:
     t = cfg.trainer
     every = cfg.checkpoint.every_n_steps
-    callbacks = [AtomicLastCheckpoint(run_dir / "checkpoints", every_n_steps=every), tracker]
+    callbacks = [AtomicLastCheckpoint(run_dir / "checkpoints", every_n_steps=every), tracker,
+                 Throughput(t.log_every_n_steps), ValidationSamples(run_dir)]
     if t.enable_progress_bar:
         from lightning.pytorch.callbacks import TQDMProgressBar
 
@@ -109,10 +112,18 @@ def build_strategy(cfg: DictConfig):
         # frozen parts have requires_grad=False before wrapping, so no unused-parameter search
         return DDPStrategy(find_unused_parameters=False)
     if strategy == "fsdp":
-        raise NotImplementedError(
-            "trainer=fsdp composes but does not train yet (FSDP2 sharding of the Q-Former's method-driven "
-            "passes is work in progress, see the scale-out issue); use trainer=ddp meanwhile")
+        from blip2_train.fsdp import FSDP2Strategy
+
+        # each rank writes its own shards: last.ckpt is a directory (blip2_train.consolidate -> one file)
+        return FSDP2Strategy(save_distributed_checkpoint=True)
     return "auto"
+
+
+def checkpoint_step(path: Path) -> int:
+    """The global step a checkpoint was written at: a ``.ckpt`` file, or a sharded (FSDP) checkpoint
+    directory, whose ``meta.pt`` holds everything but the tensors."""
+    meta = path / "meta.pt" if path.is_dir() else path
+    return int(torch.load(meta, map_location="cpu", weights_only=True).get("global_step", 0))
 
 
 def write_metrics(run_dir: Path, metrics: dict, global_step: int, extra: dict) -> dict:
@@ -126,6 +137,7 @@ def write_metrics(run_dir: Path, metrics: dict, global_step: int, extra: dict) -
 def train(cfg: DictConfig) -> dict:
     """Run one training job described by ``cfg``; returns the final metrics (also in metrics.json)."""
     validate(cfg)
+    apply_slurm_topology(cfg)  # a submitit SLURM job: devices / num_nodes from the allocation
     # Lightning's DDP launcher re-runs this script for ranks > 0: they must share rank 0's run_dir
     # (a ${now:...} default would otherwise give one directory per process).
     if os.environ.get("BLIP2_RUN_DIR") and int(os.environ.get("LOCAL_RANK", 0)) > 0:
@@ -147,7 +159,7 @@ def train(cfg: DictConfig) -> dict:
         load_init(module, cfg.init_from)
     resumed_from = 0
     if resume is not None:
-        resumed_from = int(torch.load(resume, map_location="cpu", weights_only=True).get("global_step", 0))
+        resumed_from = checkpoint_step(resume)
         log.info("resuming from %s (step %d)", resume, resumed_from)
     tracker = ValidationTracker()
     trainer = build_trainer(cfg, run_dir, tracker, resumed_from)

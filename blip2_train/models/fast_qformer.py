@@ -180,6 +180,11 @@ class QFormerLayer(nn.Module):
         self.intermediate_query = Intermediate(config)
         self.output_query = DenseResidual(config.intermediate_size, config)
 
+    def cross_key_value(self, image_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's cross-attention (key, value) of the images (a method of the layer, so that
+        FSDP can gather the layer's weights around it: see blip2_train/fsdp.py)."""
+        return self.crossattention.attention.key_value(image_embeds)
+
     def forward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor], query_length: int,
                 kv: Optional[tuple[torch.Tensor, torch.Tensor]], chunks: Optional[Chunks] = None) -> torch.Tensor:
         attended = self.attention(hidden, mask)  # [B, L, H]
@@ -237,7 +242,7 @@ class FastQFormerModel(nn.Module):
     def cross_attention_kv(self, image_embeds: torch.Tensor) -> CrossKV:
         """Keys/values of every cross-attention layer: [B, N, W] -> per layer ([B, h, N, d], [B, h, N, d])."""
         image_embeds = image_embeds.to(self.layernorm.weight.dtype)  # the Q-Former is kept in fp32
-        return [layer.crossattention.attention.key_value(image_embeds) for layer in self.cross_layers()]
+        return [layer.cross_key_value(image_embeds) for layer in self.cross_layers()]
 
     def forward(self, query_embeds: torch.Tensor, query_length: Optional[int] = None,
                 attention_mask: Optional[torch.Tensor] = None,

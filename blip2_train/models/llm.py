@@ -202,6 +202,18 @@ class FrozenLLM(nn.Module):
         self.model.train(mode and self.dropout_in_train)
         return self
 
+    # The LLM is used through these three methods, so that FSDP can gather its weights around each
+    # (blip2_train/fsdp.py registers them as forward methods).
+    def forward(self, **kwargs):
+        return self.model(**kwargs)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings: [B, T] -> [B, T, D]."""
+        return self.model.get_input_embeddings()(input_ids)
+
+    def generate(self, **kwargs) -> torch.Tensor:
+        return self.model.generate(**kwargs)
+
 
 def build_llm(llm_cfg, cache_dir: str | os.PathLike) -> tuple[FrozenLLM, object]:
     """(frozen LLM wrapper, tokenizer) for ``llm_cfg`` (an LLMConfig)."""
