@@ -160,7 +160,7 @@ def train(cfg: DictConfig) -> dict:
         # an imported / initialised model is written out as a checkpoint as it is
         trainer.strategy.connect(module)
         AtomicLastCheckpoint(run_dir / "checkpoints").save(trainer)
-    extra = {"data/skipped_samples": float(module.skipped_samples), "resumed_from_step": resumed_from}
+    extra = {**module.data_counts(), "resumed_from_step": resumed_from}
     metrics = write_metrics(run_dir, tracker.metrics, trainer.global_step, extra)
     if trainer.is_global_zero:
         log.info("final metrics (%s): %s", run_dir / "metrics.json",
