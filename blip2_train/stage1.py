@@ -16,7 +16,7 @@ from blip2_train.losses import (
     positive_mask,
 )
 from blip2_train.models.qformer import itg_mask
-from blip2_train.retrieval import retrieval_metrics
+from blip2_train.retrieval import group_by_image, retrieval_metrics
 
 
 class Stage1Module(Blip2Base):
@@ -160,10 +160,9 @@ class Stage1Module(Blip2Base):
         text_feats = torch.cat([o["text_feats"] for o in outputs])
         text_image_ids = torch.cat([o["image_id"] for o in outputs])
         # one row per image: samples that share an image_id show the same image
-        _, first = _first_occurrence(text_image_ids)
+        first, relevant = group_by_image(text_image_ids)  # [Ni], [Ni, Nt]
         image_feats = torch.cat([o["image_feats"] for o in outputs])[first]
         image_embeds = torch.cat([o["image_embeds"] for o in outputs])[first]
-        relevant = text_image_ids[first][:, None] == text_image_ids[None, :]  # [Ni, Nt]
         sim_i2t = torch.einsum("iqd,td->itq", image_feats.float(), text_feats.float()).amax(-1)
 
         device, chunk = self.device, self.cfg.data.eval_batch_size
@@ -179,11 +178,3 @@ class Stage1Module(Blip2Base):
 
         return retrieval_metrics(sim_i2t, relevant, self.cfg.retrieval.k_test, pair_scores)
 
-
-def _first_occurrence(ids: torch.Tensor):
-    """Unique values of ``ids`` and the index of the first sample holding each, in input order."""
-    unique, inverse = ids.unique(return_inverse=True)
-    positions = torch.arange(ids.numel())
-    first = torch.full((unique.numel(),), ids.numel(), dtype=torch.long)
-    first = first.scatter_reduce(0, inverse, positions, reduce="amin")
-    return unique, first.sort().values
