@@ -376,3 +376,16 @@ def test_source_config_errors_name_the_problem():
         validate_sources(sources(("coco", 0)), None)
     with pytest.raises(ValueError, match=r"unique, got \['a', 'a'\]"):
         validate_sources(sources(("a", 1), ("a", 2)), None)
+
+
+def test_fewer_shards_than_ranks_times_workers_work_resampled_and_fail_clearly_without(shards, tokenizer):
+    resampled = datamodule(tokenizer, str(shards / "val" / "00000.tar"), None, num_workers=2, samples_per_epoch=64)
+    resampled._world = lambda: (4, 3)  # rank 3 of 4, 2 workers each: 8 streams from 1 shard
+    batches = list(resampled.train_dataloader())
+    assert len(batches) == 64 // (8 * 4) == 2 and all(b["image"].shape == (8, 3, 32, 32) for b in batches)
+    assert {int(k) for b in batches for k in b["key"]} <= set(range(60, 80))  # all from the one shard
+    cycled = datamodule(tokenizer, str(shards / "train"), None, resampled=False, num_workers=1)
+    cycled._world = lambda: (4, 0)
+    with pytest.raises(ValueError, match="3 training shards cannot feed 4 ranks x 1 workers without resampling: "
+                                         "use data.resampled=true"):
+        cycled.train_dataloader()  # raised when the loader is built: before the first step
