@@ -56,7 +56,7 @@ class Blip2Base(L.LightningModule):
     # --------------------------------------------------------------------------- bookkeeping
     def count_samples(self, batch: dict) -> None:
         """Running totals of good and skipped samples, as tensors (no host sync in the step)."""
-        self.seen_samples += batch["image"].shape[0]
+        self.seen_samples += batch["image_id"].shape[0]
         if "num_skipped" in batch:
             self.skipped_samples += batch["num_skipped"].to(self.skipped_samples.device)
         if "source" in batch and self.source_names:

@@ -123,6 +123,8 @@ class DataConfig:
     max_words: int = 50
     max_skipped_fraction: float = 0.1  # stop when more than this fraction of samples is bad
     train_augment: bool = True
+    # frozen encoder tokens of the training samples, written by python -m blip2_train.data.feature_cache
+    feature_cache: Optional[str] = None
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 

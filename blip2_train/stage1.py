@@ -52,8 +52,10 @@ class Stage1Module(Blip2Base):
         image_ids = batch["image_id"]
         model, num_queries = self.model, self.model.num_query_tokens
         batch_size = input_ids.shape[0]
-        with torch.no_grad():
-            vision_tokens = self.encoder(batch["image"])  # [B, N, W], frozen
+        vision_tokens = batch.get("vision_tokens")  # [B, N, W] from data.feature_cache
+        if vision_tokens is None:
+            with torch.no_grad():
+                vision_tokens = self.encoder(batch["image"])  # [B, N, W], frozen
         image_embeds = model.encode_image(vision_tokens)  # [B, N, W] fp32, ln_vision trains
         # cross-attention K/V of the local images, once for every pass (None under qformer.impl=hf)
         cross_kv = model.cross_attention_kv(image_embeds)
@@ -114,7 +116,7 @@ class Stage1Module(Blip2Base):
     def training_step(self, batch: dict, batch_idx: int):
         self.count_samples(batch)
         losses = self.stage1_losses(batch)
-        batch_size = batch["image"].shape[0]
+        batch_size = batch["image_id"].shape[0]
         for name, value in losses.items():
             self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch_size)
         self.log("train/temp", self.model.current_temperature().detach(), batch_size=batch_size)

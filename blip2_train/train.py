@@ -44,8 +44,11 @@ def build_datamodule(cfg: DictConfig, module, world_size: int = 1) -> L.Lightnin
     data_cfg = cfg.data.copy()
     data_cfg.batch_size = per_device_batch(cfg, world_size)
     train_collate, eval_collate = module.text_collates()
+    from blip2_train.data.feature_cache import encoder_signature
+
     return Blip2DataModule(data_cfg, image_size=cfg.encoder.image_size, train_text_collate=train_collate,
-                           eval_text_collate=eval_collate, seed=cfg.seed)
+                           eval_text_collate=eval_collate, seed=cfg.seed,
+                           encoder_signature=encoder_signature(cfg.encoder))
 
 
 def resolve_precision(cfg: DictConfig) -> str:

@@ -273,8 +273,8 @@ class CounterGroup:
 
 
 class BatchSamples:
-    """Samples -> batches: image [B,3,H,W], text fields, image_id [B], key, caption, num_skipped [],
-    and source [B] when sources are mixed."""
+    """Samples -> batches: image [B,3,H,W] (or vision_tokens [B,N,W] from the feature cache), text
+    fields, image_id [B], key, caption, num_skipped [], and source [B] when sources are mixed."""
 
     def __init__(self, batch_size: int, text_collate: Callable, counter: SkipCounter | CounterGroup,
                  partial: bool):
@@ -283,12 +283,15 @@ class BatchSamples:
     def collate(self, samples: list[dict]) -> dict:
         captions = [s["caption"] for s in samples]
         batch = {
-            "image": torch.stack([s["image"] for s in samples]),  # [B, 3, H, W]
             "image_id": torch.tensor([s["image_id"] for s in samples], dtype=torch.long),
             "key": [s["key"] for s in samples],
             "caption": captions,
             "num_skipped": torch.tensor(self.counter.take(), dtype=torch.long),
         }
+        if "vision_tokens" in samples[0]:  # data.feature_cache: the frozen encoder's output, no image
+            batch["vision_tokens"] = torch.stack([s["vision_tokens"] for s in samples])  # [B, N, W]
+        else:
+            batch["image"] = torch.stack([s["image"] for s in samples])  # [B, 3, H, W]
         if "source" in samples[0]:  # mixed sources: which one each sample came from
             batch["source"] = torch.tensor([s["source"] for s in samples], dtype=torch.long)  # [B]
         batch.update(self.text_collate(captions))  # input_ids, attention_mask [B, T]

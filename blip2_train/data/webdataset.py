@@ -16,6 +16,7 @@ with an error naming what was found instead of looping forever.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from collections.abc import Callable
 
@@ -37,6 +38,8 @@ from blip2_train.data.stages import (
     stable_id,
 )
 from blip2_train.data.transforms import eval_transform, train_transform
+
+log = logging.getLogger("blip2_train.data")
 
 __all__ = ["Blip2DataModule", "DataLayoutError", "expand_urls", "sample_image_id", "skipped_fraction", "stable_id"]
 
@@ -77,13 +80,14 @@ class Blip2DataModule(L.LightningDataModule):
     """Train and validation loaders over webdataset shards (or the generated synthetic set)."""
 
     def __init__(self, data_cfg, image_size: int, train_text_collate: Callable, eval_text_collate: Callable,
-                 seed: int = 0):
+                 seed: int = 0, encoder_signature: dict | None = None):
         super().__init__()
         self.cfg = data_cfg
         self.image_size = image_size
         self.train_text_collate = train_text_collate
         self.eval_text_collate = eval_text_collate
         self.seed = seed
+        self.encoder_signature = encoder_signature  # checked against data.feature_cache files
         self.train_urls: list[str] | None = None
         self.source_urls: list[tuple[str, list[str], float]] = []
         self.val_urls: list[str] | None = None
@@ -161,13 +165,28 @@ class Blip2DataModule(L.LightningDataModule):
                     f"{len(urls)} training shards{of_source} cannot feed {world} ranks x {workers} workers "
                     f"without resampling: use data.resampled=true, fewer workers, or more shards")
             shards = CycledShards(urls, seed, rank, world)
+        if self.cfg.get("feature_cache"):  # the frozen encoder's tokens instead of images
+            from blip2_train.data.feature_cache import LookupFeatures, missing_caches
+
+            missing = missing_caches(self.cfg.feature_cache, urls)
+            if missing:
+                raise FileNotFoundError(
+                    f"{len(missing)} of {len(urls)} training shards{of_source} have no features in "
+                    f"data.feature_cache={self.cfg.feature_cache} (first: {missing[0]}); write them with "
+                    f"python -m blip2_train.data.feature_cache <the run's overrides>")
+            if self.cfg.train_augment:
+                log.warning("data.feature_cache holds eval-transform tokens: training sees no augmentation "
+                            "(set data.train_augment=false to say so)")
+            decode = LookupFeatures(self.cfg.feature_cache, self.encoder_signature, self.cfg.max_words, counter)
+        else:
+            decode = DecodeSamples(transform, self.cfg.max_words, counter, finite=False)
         return [
             shards,
             counter.watch_shards,
             wds.tarfile_to_samples(handler=counter.tar_error),
             counter.watch_samples,
             ShuffleBuffer(buffer, seed, rank),
-            DecodeSamples(transform, self.cfg.max_words, counter, finite=False),
+            decode,
         ]
 
     def val_dataloader(self):
