@@ -7,6 +7,10 @@ same number of batches and DDP never waits on a rank that ran out. Validation re
 once, in order, without resampling or node splitting: every rank sees the whole val set (retrieval
 needs all pairs), in one worker so the order is stable.
 
+``data.sources`` mixes several training sources by weight (``MixSources``, each with its own
+shard stream, shuffle buffer and skip counter; batches carry ``source``). ``data.feature_cache``
+swaps image decoding for a lookup of the frozen encoder's tokens (``feature_cache.py``).
+
 A bad sample (undecodable image, missing caption or image, broken tar) is skipped, counted and
 logged (logger ``blip2_train.data``) with its shard and key; each batch carries ``num_skipped``,
 the count of its worker since its previous batch. Shards that yield nothing usable stop the run
