@@ -51,22 +51,45 @@ class Blip2Base(L.LightningModule):
         self.register_buffer("seen_samples", torch.zeros((), dtype=torch.long), persistent=True)
         self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.long), persistent=True)
         self._nonfinite_in_a_row = 0
+        # samples each of data.sources contributed (empty without sources)
+        self.source_names = [s.name for s in (cfg.data.get("sources") or [])]
+        self.register_buffer("source_samples", torch.zeros(len(self.source_names), dtype=torch.long),
+                             persistent=True)
         log.info("trainable parameters: %.2fM (of %.2fM)", num_parameters(self, True) / 1e6,
                  num_parameters(self) / 1e6)
 
     # --------------------------------------------------------------------------- bookkeeping
     def count_samples(self, batch: dict) -> None:
         """Running totals of good and skipped samples, as tensors (no host sync in the step)."""
-        self.seen_samples += batch["image"].shape[0]
+        self.seen_samples += batch["image_id"].shape[0]
         if "num_skipped" in batch:
             self.skipped_samples += batch["num_skipped"].to(self.skipped_samples.device)
+        if "source" in batch and self.source_names:
+            source = batch["source"].to(self.source_samples.device)  # [B]
+            self.source_samples += torch.nn.functional.one_hot(source, len(self.source_names)).sum(0)
+
+    def data_counts(self) -> dict[str, float]:
+        """Skipped samples and samples per source, summed over ranks (a collective: call on every rank)."""
+        counts = torch.cat([self.skipped_samples[None], self.seen_samples[None], self.source_samples])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            counts = counts.clone()
+            torch.distributed.all_reduce(counts)
+        values = counts.tolist()
+        out = {"data/skipped_samples": float(values[0]), "data/seen_samples": float(values[1])}
+        out.update({f"data/source_{name}_samples": float(v) for name, v in zip(self.source_names, values[2:])})
+        return out
 
     def check_skipped_fraction(self) -> None:
-        """Stop when bad samples pass ``data.max_skipped_fraction`` (checked at log steps only)."""
+        """Stop when bad samples pass ``data.max_skipped_fraction`` (checked at log steps only).
+
+        The counts are summed over ranks, so every rank stops together instead of one waiting.
+        """
         if self.global_step % max(1, self.cfg.trainer.log_every_n_steps) != 0:
             return
-        skipped, seen = int(self.skipped_samples), int(self.seen_samples)
-        self.log("data/skipped_samples", float(skipped), on_step=True, on_epoch=False)
+        counts = self.data_counts()
+        for name, value in counts.items():
+            self.log(name, value, on_step=True, on_epoch=False, rank_zero_only=True)
+        skipped, seen = int(counts["data/skipped_samples"]), int(counts["data/seen_samples"])
         if seen and skipped / (seen + skipped) > self.cfg.data.max_skipped_fraction:
             raise RuntimeError(
                 f"{skipped} of {seen + skipped} samples were unreadable, more than "

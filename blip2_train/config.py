@@ -98,11 +98,22 @@ class SyntheticConfig:
 
 
 @dataclass
+class DataSourceConfig:
+    """One training source of a mix: its shards and its share of the samples (weight / sum of weights)."""
+
+    name: str = MISSING  # names the metric data/source_<name>_samples: letters, digits, _
+    shards: str = MISSING  # as data.train_shards: a directory, a brace pattern, several joined by ::
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
     """webdataset shards (img2dataset layout) or the embedded synthetic set."""
 
     name: str = "webdataset"  # webdataset | synthetic
     train_shards: Optional[str] = None  # brace-expanded URL(s) or a directory of .tar files
+    # several training sources mixed by weight, instead of train_shards (README, "Mixing sources")
+    sources: list[DataSourceConfig] = field(default_factory=list)
     val_shards: Optional[str] = None
     batch_size: int = 32  # per device
     global_batch_size: Optional[int] = None  # when set: batch_size = global / (devices x nodes)
@@ -114,6 +125,8 @@ class DataConfig:
     max_words: int = 50
     max_skipped_fraction: float = 0.1  # stop when more than this fraction of samples is bad
     train_augment: bool = True
+    # frozen encoder tokens of the training samples, written by python -m blip2_train.data.feature_cache
+    feature_cache: Optional[str] = None
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -253,14 +266,38 @@ def validate(cfg) -> None:
             )
     if cfg.stage.name == 2 and cfg.llm.name == "none":
         raise ValueError("stage=2 needs an LLM: add llm=opt, llm=flant5, llm=tiny_opt or llm=tiny_t5")
-    if cfg.data.name == "webdataset" and not cfg.data.train_shards and cfg.trainer.max_steps > 0:
+    sources = cfg.data.get("sources") or []
+    if cfg.data.name == "webdataset" and not cfg.data.train_shards and not sources and cfg.trainer.max_steps > 0:
         raise ValueError(
             "data=webdataset needs data.train_shards (a directory of .tar shards or a brace URL such "
-            "as 'data.train_shards=\"dir/{00000..00007}.tar\"'); or use data=synthetic"
+            "as 'data.train_shards=\"dir/{00000..00007}.tar\"') or data.sources; or use data=synthetic"
         )
+    validate_sources(sources, cfg.data.train_shards)
     if cfg.qformer.num_query_tokens < 1:
         raise ValueError(f"qformer.num_query_tokens must be >= 1, got {cfg.qformer.num_query_tokens}")
     if cfg.llm.kind == "encoder_decoder" and cfg.llm.precision == "fp16" and not cfg.llm.force_fp16:
         raise ValueError(
             "T5 overflows in fp16: use llm.precision=bf16 (default) or fp32, or set llm.force_fp16=true"
         )
+
+
+def validate_sources(sources, train_shards) -> None:
+    """data.sources: unique metric-safe names, positive weights, and not together with train_shards."""
+    import re
+
+    if not sources:
+        return
+    if train_shards:
+        raise ValueError(f"set data.train_shards or data.sources, not both (train_shards={train_shards!r}, "
+                         f"sources={[s.name for s in sources]}); add a source for those shards instead")
+    names = [s.name for s in sources]
+    for source in sources:
+        if not re.fullmatch(r"[A-Za-z0-9_]+", str(source.name)):
+            raise ValueError(f"data.sources name {source.name!r} must be letters, digits and _ "
+                             f"(it names the metric data/source_<name>_samples)")
+        if not source.weight > 0:
+            raise ValueError(f"data.sources {source.name}: weight must be > 0, got {source.weight}")
+        if not source.shards:
+            raise ValueError(f"data.sources {source.name}: shards is empty")
+    if len(set(names)) != len(names):
+        raise ValueError(f"data.sources names must be unique, got {names}")

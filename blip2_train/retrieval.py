@@ -13,6 +13,21 @@ from typing import Callable
 import torch
 
 
+def group_by_image(image_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Evaluation samples (one per caption) -> images: the first sample of each ``image_id``, in
+    input order, and ``relevant [Ni, Nt]``, True where caption t belongs to image i.
+
+    COCO / Flickr30K val sets hold five captions per image; the image's own captions need not be
+    adjacent.
+    """
+    unique, inverse = image_ids.unique(return_inverse=True)
+    positions = torch.arange(image_ids.numel())
+    first = torch.full((unique.numel(),), image_ids.numel(), dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, positions, reduce="amin").sort().values  # [Ni]
+    relevant = image_ids[first][:, None] == image_ids[None, :]  # [Ni, Nt]
+    return first, relevant
+
+
 def recall_at_k(scores_i2t: torch.Tensor, relevant: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
     """scores_i2t [Ni, Nt], relevant [Ni, Nt] bool -> {'txt_r1': ..., 'img_r1': ..., ...}."""
     out = {}

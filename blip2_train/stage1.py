@@ -16,7 +16,7 @@ from blip2_train.losses import (
     positive_mask,
 )
 from blip2_train.models.qformer import itg_mask
-from blip2_train.retrieval import retrieval_metrics
+from blip2_train.retrieval import group_by_image, retrieval_metrics
 from blip2_train.tracking import NUM_SAMPLES
 
 
@@ -55,7 +55,9 @@ class Stage1Module(Blip2Base):
         image_ids = batch["image_id"]
         model, num_queries = self.model, self.model.num_query_tokens
         batch_size = input_ids.shape[0]
-        vision_tokens = self.encoder(batch["image"])  # [B, N, W]; under no_grad and detached when frozen
+        vision_tokens = batch.get("vision_tokens")  # [B, N, W] from data.feature_cache
+        if vision_tokens is None:
+            vision_tokens = self.encoder(batch["image"])  # [B, N, W]; no_grad and detached when frozen
         image_embeds = model.encode_image(vision_tokens)  # [B, N, W] fp32, ln_vision trains
         # cross-attention K/V of the local images, once for every pass (None under qformer.impl=hf)
         cross_kv = model.cross_attention_kv(image_embeds)
@@ -118,7 +120,7 @@ class Stage1Module(Blip2Base):
     def training_step(self, batch: dict, batch_idx: int):
         self.count_samples(batch)
         losses = self.stage1_losses(batch)
-        batch_size = batch["image"].shape[0]
+        batch_size = batch["image_id"].shape[0]
         for name, value in losses.items():
             self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch_size)
         self.log("train/temp", self.model.current_temperature().detach(), batch_size=batch_size)
@@ -181,10 +183,9 @@ class Stage1Module(Blip2Base):
         text_feats = torch.cat([o["text_feats"] for o in outputs])
         text_image_ids = torch.cat([o["image_id"] for o in outputs])
         # one row per image: samples that share an image_id show the same image
-        _, first = _first_occurrence(text_image_ids)
+        first, relevant = group_by_image(text_image_ids)  # [Ni], [Ni, Nt]
         image_feats = torch.cat([o["image_feats"] for o in outputs])[first]
         image_embeds = torch.cat([o["image_embeds"] for o in outputs])[first]
-        relevant = text_image_ids[first][:, None] == text_image_ids[None, :]  # [Ni, Nt]
         sim_i2t = torch.einsum("iqd,td->itq", image_feats.float(), text_feats.float()).amax(-1)
 
         device, chunk = self.device, self.cfg.data.eval_batch_size
@@ -200,11 +201,3 @@ class Stage1Module(Blip2Base):
 
         return retrieval_metrics(sim_i2t, relevant, self.cfg.retrieval.k_test, pair_scores)
 
-
-def _first_occurrence(ids: torch.Tensor):
-    """Unique values of ``ids`` and the index of the first sample holding each, in input order."""
-    unique, inverse = ids.unique(return_inverse=True)
-    positions = torch.arange(ids.numel())
-    first = torch.full((unique.numel(),), ids.numel(), dtype=torch.long)
-    first = first.scatter_reduce(0, inverse, positions, reduce="amin")
-    return unique, first.sort().values

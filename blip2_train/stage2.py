@@ -52,9 +52,11 @@ class Stage2Module(Blip2Base):
                 PrefixLMCollate(tok, max_len, seed=self.cfg.seed, deterministic=True))
 
     # ------------------------------------------------------------------------------- forward
-    def visual_prompts(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] -> projected query outputs [B, Q, D_llm]."""
-        vision_tokens = self.encoder(images)  # under no_grad and detached when frozen
+    def visual_prompts(self, images: torch.Tensor | None, vision_tokens: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+        """[B, 3, H, W] (or cached encoder tokens [B, N, W]) -> projected query outputs [B, Q, D_llm]."""
+        if vision_tokens is None:
+            vision_tokens = self.encoder(images)  # no_grad and detached when frozen
         query_output = self.model.query_forward(self.model.encode_image(vision_tokens))
         return self.language_projection(query_output)
 
@@ -105,8 +107,8 @@ class Stage2Module(Blip2Base):
     # ---------------------------------------------------------------------------------- train
     def training_step(self, batch: dict, batch_idx: int):
         self.count_samples(batch)
-        loss = self.lm_loss(self.visual_prompts(batch["image"]), batch)
-        size = batch["image"].shape[0]
+        loss = self.lm_loss(self.visual_prompts(batch.get("image"), batch.get("vision_tokens")), batch)
+        size = batch["image_id"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
         self.check_skipped_fraction()

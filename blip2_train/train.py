@@ -46,8 +46,11 @@ def build_datamodule(cfg: DictConfig, module, world_size: int = 1) -> L.Lightnin
     data_cfg = cfg.data.copy()
     data_cfg.batch_size = per_device_batch(cfg, world_size)
     train_collate, eval_collate = module.text_collates()
+    from blip2_train.data.feature_cache import encoder_signature
+
     return Blip2DataModule(data_cfg, image_size=cfg.encoder.image_size, train_text_collate=train_collate,
-                           eval_text_collate=eval_collate, seed=cfg.seed)
+                           eval_text_collate=eval_collate, seed=cfg.seed,
+                           encoder_signature=encoder_signature(cfg.encoder))
 
 
 def resolve_precision(cfg: DictConfig) -> str:
@@ -172,7 +175,7 @@ def train(cfg: DictConfig) -> dict:
         # an imported / initialised model is written out as a checkpoint as it is
         trainer.strategy.connect(module)
         AtomicLastCheckpoint(run_dir / "checkpoints").save(trainer)
-    extra = {"data/skipped_samples": float(module.skipped_samples), "resumed_from_step": resumed_from}
+    extra = {**module.data_counts(), "resumed_from_step": resumed_from}
     metrics = write_metrics(run_dir, tracker.metrics, trainer.global_step, extra)
     if trainer.is_global_zero:
         log.info("final metrics (%s): %s", run_dir / "metrics.json",

@@ -36,6 +36,10 @@ def _write_shard(args) -> tuple[int, list[dict]]:
                 caption = str(row["caption"]).strip()
                 if not caption:
                     raise ValueError("empty caption")
+                meta = {"caption": caption, "image": row["image"]}
+                if row.get("image_id") is not None:
+                    meta["image_id"] = int(row["image_id"])  # a non-integer id is a skipped row
+                meta.update(row.get("meta") or {})  # extra fields a recipe keeps (split, sentence id, ...)
                 path = Path(image_root) / row["image"]
                 data = path.read_bytes()
                 with Image.open(io.BytesIO(data)) as image:
@@ -45,13 +49,10 @@ def _write_shard(args) -> tuple[int, list[dict]]:
                         buffer = io.BytesIO()
                         image.convert("RGB").save(buffer, format="JPEG", quality=95)
                         data, ext = buffer.getvalue(), "jpg"
-            except (OSError, ValueError, KeyError, SyntaxError) as err:
+            except (OSError, ValueError, TypeError, KeyError, SyntaxError) as err:
                 skipped.append({"line": line_no, "image": row.get("image") if isinstance(row, dict) else None,
                                 "reason": f"{err.__class__.__name__}: {err}"})
                 continue
-            meta = {"caption": caption, "image": row["image"]}
-            if row.get("image_id") is not None:
-                meta["image_id"] = int(row["image_id"])
             sink.write({"__key__": key, ext: data, "txt": caption, "json": json.dumps(meta)})
             written += 1
     return written, skipped
@@ -60,10 +61,6 @@ def _write_shard(args) -> tuple[int, list[dict]]:
 def jsonl_to_shards(jsonl: str, out_dir: str, image_root: str, samples_per_shard: int = 1000,
                     workers: int | None = None, progress: bool = True) -> dict:
     """Convert and return the manifest (also written to OUT_DIR/manifest.json)."""
-    from tqdm import tqdm
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     rows, bad_lines = [], []
     with open(jsonl) as handle:
         for line_no, line in enumerate(handle):
@@ -73,6 +70,21 @@ def jsonl_to_shards(jsonl: str, out_dir: str, image_root: str, samples_per_shard
                 rows.append((line_no, json.loads(line)))
             except json.JSONDecodeError as err:
                 bad_lines.append({"line": line_no, "image": None, "reason": f"invalid JSON: {err}"})
+    return rows_to_shards(rows, out_dir, image_root, samples_per_shard, workers, progress, str(jsonl), bad_lines)
+
+
+def rows_to_shards(rows: list[tuple[int, dict]], out_dir: str, image_root: str, samples_per_shard: int = 1000,
+                   workers: int | None = None, progress: bool = True, source: str = "",
+                   skipped: list[dict] | None = None) -> dict:
+    """(line number, row) pairs -> OUT_DIR/{00000..}.tar + manifest.json; returns the manifest.
+
+    ``skipped`` holds rows already rejected by the caller (they land in the manifest too).
+    """
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bad_lines = list(skipped or ())
     chunks = [rows[i:i + samples_per_shard] for i in range(0, len(rows), samples_per_shard)]
     jobs = [(i, chunk, image_root, str(out)) for i, chunk in enumerate(chunks)]
     workers = workers or max(1, min(len(jobs), os.cpu_count() or 1))
@@ -82,7 +94,7 @@ def jsonl_to_shards(jsonl: str, out_dir: str, image_root: str, samples_per_shard
             written += count
             skipped.extend(bad)
     manifest = {"samples": written, "skipped": sorted(skipped, key=lambda s: s["line"]),
-                "num_skipped": len(skipped), "shards": len(jobs), "source": str(jsonl)}
+                "num_skipped": len(skipped), "shards": len(jobs), "source": source}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 

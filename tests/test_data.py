@@ -12,7 +12,7 @@ import webdataset as wds
 from omegaconf import OmegaConf
 from PIL import Image
 
-from blip2_train.config import DataConfig
+from blip2_train.config import DataConfig, DataSourceConfig
 from blip2_train.data import Blip2DataModule, expand_urls
 from blip2_train.data.stages import CycledShards, DataLayoutError, sample_image_id, stable_id
 from blip2_train.data.synthetic import COLORS, ensure_synthetic_shards, synthetic_dir, write_synthetic_shards
@@ -309,3 +309,83 @@ def test_empty_shards_are_a_clear_error(tmp_path, tokenizer):
     (tmp_path / "00000.tar").unlink()  # gone after setup: resampling must not retry it forever
     with pytest.raises(DataLayoutError, match=r"20 shards in a row could not be read .*00000.tar"):
         next(iter(dm.train_dataloader()))
+
+
+# ------------------------------------------------------------------------------------- mixed sources
+def _id_shards(directory, first_id, count, per_shard=10):
+    """Shards of ``count`` samples whose image_id start at ``first_id`` (which source a sample came from)."""
+    directory.mkdir(parents=True)
+    for shard in range(0, count, per_shard):
+        members = []
+        for i in range(shard, min(count, shard + per_shard)):
+            key = f"{first_id + i:09d}"
+            members += [(f"{key}.png", _png((i * 5 % 255, 0, 0))), (f"{key}.txt", b"a red square"),
+                        (f"{key}.json", json.dumps({"image_id": first_id + i}).encode())]
+        _write_tar(directory / f"{shard // per_shard:05d}.tar", members)
+    return str(directory)
+
+
+def mixed(tokenizer, tmp_path, weights=(1.0, 3.0), **kw):
+    sources = [DataSourceConfig("coco", _id_shards(tmp_path / "coco", 0, 40), weights[0]),
+               DataSourceConfig("cc3m", _id_shards(tmp_path / "cc3m", 1000, 30), weights[1])]
+    return datamodule(tokenizer, None, None, sources=sources, **kw)
+
+
+def test_sources_mix_by_weight_seeded_and_each_batch_names_its_sources(tmp_path, tokenizer):
+    dm = mixed(tokenizer, tmp_path, samples_per_epoch=2400, shuffle_buffer=40)
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 300 and set(batches[0]) >= {"source", "image_id", "num_skipped"}
+    source = torch.cat([b["source"] for b in batches])  # [2400]
+    image_id = torch.cat([b["image_id"] for b in batches])
+    assert torch.equal(source == 1, image_id >= 1000)  # each sample from the source it names
+    share = (source == 1).float().mean().item()
+    sigma = (0.75 * 0.25 / 2400) ** 0.5  # binomial standard deviation of the share of weight 3 of 4
+    assert abs(share - 0.75) < 4 * sigma, share
+    assert set(image_id[source == 0].tolist()) == set(range(40))  # every sample of each source drawn
+    assert set(image_id[source == 1].tolist()) == set(range(1000, 1030))
+    again = torch.cat([b["source"] for b in mixed(tokenizer, tmp_path / "again", samples_per_epoch=400,
+                                                      shuffle_buffer=40).train_dataloader()])
+    assert torch.equal(again, source[:400])  # seeded: the same mix in a new run
+    equal = torch.cat([b["source"] for b in mixed(tokenizer, tmp_path / "eq", (2.0, 2.0), samples_per_epoch=800,
+                                                      shuffle_buffer=40).train_dataloader()])
+    assert abs((equal == 1).float().mean().item() - 0.5) < 4 * (0.25 / 800) ** 0.5
+
+
+def test_sources_without_resampling_need_enough_shards_per_source(tmp_path, tokenizer):
+    dm = mixed(tokenizer, tmp_path, (1.0, 1.0), resampled=False, samples_per_epoch=400)
+    batches = list(dm.train_dataloader())  # 4 and 3 shards, 1 worker: each source cycles its own
+    image_id = torch.cat([b["image_id"] for b in batches])
+    assert len(batches) == 50 and set(image_id.tolist()) == set(range(40)) | set(range(1000, 1030))
+    few = mixed(tokenizer, tmp_path / "few", resampled=False, num_workers=4)
+    with pytest.raises(ValueError, match="3 training shards of source cc3m cannot feed 1 ranks x 4 workers "
+                                         "without resampling"):
+        few.train_dataloader()
+
+
+def test_source_config_errors_name_the_problem():
+    from blip2_train.config import validate_sources
+
+    def sources(*items):
+        return [OmegaConf.create({"name": n, "shards": "/x", "weight": w}) for n, w in items]
+
+    with pytest.raises(ValueError, match="not both"):
+        validate_sources(sources(("a", 1)), "/data/cc3m")
+    with pytest.raises(ValueError, match=r"name 'cc-3m' must be letters, digits and _"):
+        validate_sources(sources(("cc-3m", 1)), None)
+    with pytest.raises(ValueError, match="coco: weight must be > 0, got 0"):
+        validate_sources(sources(("coco", 0)), None)
+    with pytest.raises(ValueError, match=r"unique, got \['a', 'a'\]"):
+        validate_sources(sources(("a", 1), ("a", 2)), None)
+
+
+def test_fewer_shards_than_ranks_times_workers_work_resampled_and_fail_clearly_without(shards, tokenizer):
+    resampled = datamodule(tokenizer, str(shards / "val" / "00000.tar"), None, num_workers=2, samples_per_epoch=64)
+    resampled._world = lambda: (4, 3)  # rank 3 of 4, 2 workers each: 8 streams from 1 shard
+    batches = list(resampled.train_dataloader())
+    assert len(batches) == 64 // (8 * 4) == 2 and all(b["image"].shape == (8, 3, 32, 32) for b in batches)
+    assert {int(k) for b in batches for k in b["key"]} <= set(range(60, 80))  # all from the one shard
+    cycled = datamodule(tokenizer, str(shards / "train"), None, resampled=False, num_workers=1)
+    cycled._world = lambda: (4, 0)
+    with pytest.raises(ValueError, match="3 training shards cannot feed 4 ranks x 1 workers without resampling: "
+                                         "use data.resampled=true"):
+        cycled.train_dataloader()  # raised when the loader is built: before the first step

@@ -19,5 +19,6 @@ def test_ddp_two_cpu_processes_write_one_run_dir(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["global_step"] == 2 and "itc/txt_r1" in metrics
+    assert metrics["data/seen_samples"] == 2 * 4 * 2 and metrics["data/skipped_samples"] == 0  # summed over ranks
     assert (run / "checkpoints" / "last.ckpt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "run"]  # no per-process dirs

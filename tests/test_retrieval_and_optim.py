@@ -2,11 +2,12 @@
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
 from blip2_train.optim import build_optimizer, lr_at, param_groups
-from blip2_train.retrieval import recall_at_k, rerank_with_itm, retrieval_metrics
+from blip2_train.retrieval import group_by_image, recall_at_k, rerank_with_itm, retrieval_metrics
 
 
 def test_recall_counts_any_caption_of_the_image():
@@ -81,3 +82,22 @@ def test_scheduler_steps_per_optimizer_step():
     assert math.isclose(lrs[0], 1e-5) and math.isclose(lrs[4], 1e-3)
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
     assert opt.param_groups[0]["betas"] == (0.9, 0.98)
+
+
+def test_recall_with_several_captions_per_image_uses_best_caption_and_unique_images():
+    # captions (one sample each) of images 10, 20, 30, two per image, not adjacent in the val order
+    image_ids = torch.tensor([10, 20, 10, 30, 20, 30])
+    first, relevant = group_by_image(image_ids)
+    assert first.tolist() == [0, 1, 3]  # one row per image, its first sample
+    assert relevant.int().tolist() == [[1, 0, 1, 0, 0, 0], [0, 1, 0, 0, 1, 0], [0, 0, 0, 1, 0, 1]]
+    # scores [3 images, 6 captions]; columns in sample order (caption of image: 10 20 10 30 20 30)
+    scores = torch.tensor([[5.0, 8.0, 9.0, 2.0, 1.0, 3.0],   # image 10: best own caption c2 at rank 1
+                           [9.0, 7.0, 8.0, 6.0, 1.5, 5.0],   # image 20: c0, c2, then own c1: rank 3
+                           [7.0, 3.0, 2.0, 6.5, 4.0, 1.0]])  # image 30: c0, then own c3: rank 2
+    # text -> image, rank of the caption's image among the 3 images (column, its image's score):
+    # c0 (10): 9, 7, 5 -> 3; c1 (20): 8, 7, 3 -> 2; c2 (10): 9, 8, 2 -> 1; c3 (30): 6.5, 6, 2 -> 1;
+    # c4 (20): 4, 1.5, 1 -> 2; c5 (30): 5, 3, 1 -> 3
+    r = recall_at_k(scores, relevant, ks=(1, 2, 3))
+    assert [r["txt_r1"], r["txt_r2"], r["txt_r3"]] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert [r["img_r1"], r["img_r2"], r["img_r3"]] == pytest.approx([2 / 6, 4 / 6, 1.0])
+    assert r["txt_r_mean"] == pytest.approx(2 / 3) and r["img_r_mean"] == pytest.approx(2 / 3)

@@ -111,3 +111,20 @@ def test_compiled_qformer_trains_with_the_pinned_losses(tmp_path, cache):
     assert losses[:3] == pytest.approx(PINNED_LOSSES, rel=1e-3)
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert "model.qformer.encoder.layer.0.attention.attention.query.weight" in state  # names unchanged
+
+
+def test_mixed_sources_run_logs_the_samples_of_each_source(tmp_path, cache):
+    from blip2_train.data.synthetic import write_synthetic_shards
+    from blip2_train.train import train
+
+    for name, seed in (("a", 1), ("b", 2)):
+        write_synthetic_shards(tmp_path / name, num_train=32, num_val=0, image_size=32, samples_per_shard=16,
+                               seed=seed)
+    sources = (f"data.sources=[{{name: coco, shards: '{tmp_path / 'a' / 'train'}', weight: 1}}, "
+               f"{{name: cc3m, shards: '{tmp_path / 'b' / 'train'}', weight: 3}}]")
+    metrics = train(make_cfg(tmp_path, cache, sources, "trainer.max_steps=4"))
+    coco, cc3m = metrics["data/source_coco_samples"], metrics["data/source_cc3m_samples"]
+    assert coco + cc3m == metrics["data/seen_samples"] == 4 * 8 and cc3m > coco  # 32 draws at 3:1
+    rows = [r for r in csv.DictReader(open(tmp_path / "run" / "logs" / "metrics.csv")) if r.get("train/loss")]
+    logged = [float(r["data/source_coco_samples"]) + float(r["data/source_cc3m_samples"]) for r in rows]
+    assert logged == [8.0, 16.0, 24.0, 32.0]  # running totals, logged at every log step

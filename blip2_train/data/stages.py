@@ -234,21 +234,66 @@ class CycledShards:
             yield from ({"url": url} for url in order)
 
 
-class BatchSamples:
-    """Samples -> batches: image [B,3,H,W], text fields, image_id [B], key, caption, num_skipped []."""
+class MixSources:
+    """Samples drawn from several endless training streams, each with probability weight / sum.
 
-    def __init__(self, batch_size: int, text_collate: Callable, counter: SkipCounter, partial: bool):
+    The draws are seeded per (seed, rank, worker, epoch), so a run repeats exactly; each sample
+    carries ``source`` (its index), which batches turn into the per-source sample counts.
+    """
+
+    def __init__(self, names: list[str], streams: list, weights: list[float], seed: int, rank: int):
+        if not (len(names) == len(streams) == len(weights)) or not names:
+            raise ValueError(f"{len(names)} names, {len(streams)} streams, {len(weights)} weights: need one each")
+        self.names, self.streams, self.weights = names, streams, [float(w) for w in weights]
+        self.seed, self.rank = seed, rank
+        self.epoch = 0
+
+    def __call__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        rng = random.Random(f"mix-{self.seed}-{self.rank}-{info.id if info else 0}-{self.epoch}")
+        self.epoch += 1
+        streams, index = [iter(s) for s in self.streams], range(len(self.streams))
+        while True:
+            for source in rng.choices(index, weights=self.weights, k=1024):
+                sample = next(streams[source], None)
+                if sample is None:  # training streams are endless: an end means nothing was readable
+                    raise DataLayoutError(f"training source {self.names[source]} stopped yielding samples")
+                sample["source"] = source
+                yield sample
+
+
+class CounterGroup:
+    """The skip counters of several sources, read as one by the batcher."""
+
+    def __init__(self, counters: list[SkipCounter]):
+        self.counters = counters
+
+    def take(self) -> int:
+        return sum(c.take() for c in self.counters)
+
+
+class BatchSamples:
+    """Samples -> batches: image [B,3,H,W] (or vision_tokens [B,N,W] from the feature cache), text
+    fields, image_id [B], key, caption, num_skipped [], and source [B] when sources are mixed."""
+
+    def __init__(self, batch_size: int, text_collate: Callable, counter: SkipCounter | CounterGroup,
+                 partial: bool):
         self.batch_size, self.text_collate, self.counter, self.partial = batch_size, text_collate, counter, partial
 
     def collate(self, samples: list[dict]) -> dict:
         captions = [s["caption"] for s in samples]
         batch = {
-            "image": torch.stack([s["image"] for s in samples]),  # [B, 3, H, W]
             "image_id": torch.tensor([s["image_id"] for s in samples], dtype=torch.long),
             "key": [s["key"] for s in samples],
             "caption": captions,
             "num_skipped": torch.tensor(self.counter.take(), dtype=torch.long),
         }
+        if "vision_tokens" in samples[0]:  # data.feature_cache: the frozen encoder's output, no image
+            batch["vision_tokens"] = torch.stack([s["vision_tokens"] for s in samples])  # [B, N, W]
+        else:
+            batch["image"] = torch.stack([s["image"] for s in samples])  # [B, 3, H, W]
+        if "source" in samples[0]:  # mixed sources: which one each sample came from
+            batch["source"] = torch.tensor([s["source"] for s in samples], dtype=torch.long)  # [B]
         batch.update(self.text_collate(captions))  # input_ids, attention_mask [B, T]
         return batch
 

@@ -7,6 +7,10 @@ same number of batches and DDP never waits on a rank that ran out. Validation re
 once, in order, without resampling or node splitting: every rank sees the whole val set (retrieval
 needs all pairs), in one worker so the order is stable.
 
+``data.sources`` mixes several training sources by weight (``MixSources``, each with its own
+shard stream, shuffle buffer and skip counter; batches carry ``source``). ``data.feature_cache``
+swaps image decoding for a lookup of the frozen encoder's tokens (``feature_cache.py``).
+
 A bad sample (undecodable image, missing caption or image, broken tar) is skipped, counted and
 logged (logger ``blip2_train.data``) with its shard and key; each batch carries ``num_skipped``,
 the count of its worker since its previous batch. Shards that yield nothing usable stop the run
@@ -16,6 +20,7 @@ with an error naming what was found instead of looping forever.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from collections.abc import Callable
 
@@ -26,15 +31,19 @@ from braceexpand import braceexpand
 
 from blip2_train.data.stages import (
     BatchSamples,
+    CounterGroup,
     CycledShards,
     DataLayoutError,
     DecodeSamples,
+    MixSources,
     ShuffleBuffer,
     SkipCounter,
     sample_image_id,
     stable_id,
 )
 from blip2_train.data.transforms import eval_transform, train_transform
+
+log = logging.getLogger("blip2_train.data")
 
 __all__ = ["Blip2DataModule", "DataLayoutError", "expand_urls", "sample_image_id", "skipped_fraction", "stable_id"]
 
@@ -75,14 +84,16 @@ class Blip2DataModule(L.LightningDataModule):
     """Train and validation loaders over webdataset shards (or the generated synthetic set)."""
 
     def __init__(self, data_cfg, image_size: int, train_text_collate: Callable, eval_text_collate: Callable,
-                 seed: int = 0):
+                 seed: int = 0, encoder_signature: dict | None = None):
         super().__init__()
         self.cfg = data_cfg
         self.image_size = image_size
         self.train_text_collate = train_text_collate
         self.eval_text_collate = eval_text_collate
         self.seed = seed
+        self.encoder_signature = encoder_signature  # checked against data.feature_cache files
         self.train_urls: list[str] | None = None
+        self.source_urls: list[tuple[str, list[str], float]] = []
         self.val_urls: list[str] | None = None
 
     def prepare_data(self) -> None:
@@ -99,7 +110,10 @@ class Blip2DataModule(L.LightningDataModule):
 
             gen_train, gen_val = ensure_synthetic_shards(self.cfg.synthetic)
             train, val = train or gen_train, val or gen_val
-        self.train_urls = expand_urls(train) if train else None
+        sources = self.cfg.get("sources") or []
+        # (name, shard URLs, weight) per training source; they replace train_shards
+        self.source_urls = [(s.name, expand_urls(s.shards), float(s.weight)) for s in sources]
+        self.train_urls = None if sources else (expand_urls(train) if train else None)
         self.val_urls = expand_urls(val) if val else None
 
     def _world(self) -> tuple[int, int]:
@@ -113,37 +127,71 @@ class Blip2DataModule(L.LightningDataModule):
         return max(1, self.cfg.samples_per_epoch // (self.cfg.batch_size * world_size))
 
     def train_dataloader(self):
-        if self.train_urls is None:
+        if self.train_urls is None and not self.source_urls:
             self.setup("fit")
-        if not self.train_urls:
-            raise ValueError("no training shards: set data.train_shards")
         cfg = self.cfg
+        if not self.train_urls and not self.source_urls:
+            raise ValueError("no training shards: set data.train_shards or data.sources")
         world, rank = self._world()
-        workers = cfg.num_workers
-        if cfg.resampled:  # every rank and worker draws its own stream of shards
-            shards = wds.ResampledShards(self.train_urls, seed=self.seed + 1000 * rank, deterministic=True)
-        else:
-            needed = world * max(1, workers)
-            if len(self.train_urls) < needed:
-                raise ValueError(
-                    f"{len(self.train_urls)} training shards cannot feed {world} ranks x {max(1, workers)} "
-                    f"workers without resampling: use data.resampled=true, fewer workers, or more shards")
-            shards = CycledShards(self.train_urls, self.seed, rank, world)
-        counter = SkipCounter()
         transform = train_transform(self.image_size) if cfg.train_augment else eval_transform(self.image_size)
-        pipeline = wds.DataPipeline(
+        if self.source_urls:  # several sources, mixed by weight
+            counters = [SkipCounter() for _ in self.source_urls]
+            buffer = max(100, cfg.shuffle_buffer // len(self.source_urls))  # the same memory as one source
+            streams = [wds.DataPipeline(*self._sample_stages(urls, f"{self.seed}-{name}", rank, world, counter,
+                                                             buffer, transform, f" of source {name}"))
+                       for (name, urls, _), counter in zip(self.source_urls, counters)]
+            names, weights = [s[0] for s in self.source_urls], [s[2] for s in self.source_urls]
+            stages = [MixSources(names, streams, weights, self.seed, rank)]
+            counter = CounterGroup(counters)
+        else:
+            counter = SkipCounter()
+            stages = self._sample_stages(self.train_urls, self.seed, rank, world, counter, cfg.shuffle_buffer,
+                                         transform, "")
+        pipeline = wds.DataPipeline(*stages, BatchSamples(cfg.batch_size, self.train_text_collate, counter,
+                                                          partial=False))
+        # batch_size=None: batches are collated in the workers, the main process only forwards them
+        workers = cfg.num_workers
+        loader = wds.WebLoader(pipeline, batch_size=None, num_workers=workers,
+                               persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+        return loader.with_epoch(self.batches_per_epoch(world))
+
+    def _sample_stages(self, urls: list[str], seed, rank: int, world: int, counter: SkipCounter, buffer: int,
+                       transform: Callable, of_source: str) -> list:
+        """Shards -> decoded samples, endless: resampled, or this rank's and worker's own shards cycled."""
+        workers = max(1, self.cfg.num_workers)
+        if self.cfg.resampled:  # every rank and worker draws its own stream of shards
+            if isinstance(seed, str):
+                seed = stable_id(seed) % 2**31
+            shards = wds.ResampledShards(urls, seed=seed + 1000 * rank, deterministic=True)
+        else:
+            if len(urls) < world * workers:
+                raise ValueError(
+                    f"{len(urls)} training shards{of_source} cannot feed {world} ranks x {workers} workers "
+                    f"without resampling: use data.resampled=true, fewer workers, or more shards")
+            shards = CycledShards(urls, seed, rank, world)
+        if self.cfg.get("feature_cache"):  # the frozen encoder's tokens instead of images
+            from blip2_train.data.feature_cache import LookupFeatures, missing_caches
+
+            missing = missing_caches(self.cfg.feature_cache, urls)
+            if missing:
+                raise FileNotFoundError(
+                    f"{len(missing)} of {len(urls)} training shards{of_source} have no features in "
+                    f"data.feature_cache={self.cfg.feature_cache} (first: {missing[0]}); write them with "
+                    f"python -m blip2_train.data.feature_cache <the run's overrides>")
+            if self.cfg.train_augment:
+                log.warning("data.feature_cache holds eval-transform tokens: training sees no augmentation "
+                            "(set data.train_augment=false to say so)")
+            decode = LookupFeatures(self.cfg.feature_cache, self.encoder_signature, self.cfg.max_words, counter)
+        else:
+            decode = DecodeSamples(transform, self.cfg.max_words, counter, finite=False)
+        return [
             shards,
             counter.watch_shards,
             wds.tarfile_to_samples(handler=counter.tar_error),
             counter.watch_samples,
-            ShuffleBuffer(cfg.shuffle_buffer, self.seed, rank),
-            DecodeSamples(transform, cfg.max_words, counter, finite=False),
-            BatchSamples(cfg.batch_size, self.train_text_collate, counter, partial=False),
-        )
-        # batch_size=None: batches are collated in the workers, the main process only forwards them
-        loader = wds.WebLoader(pipeline, batch_size=None, num_workers=workers,
-                               persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
-        return loader.with_epoch(self.batches_per_epoch(world))
+            ShuffleBuffer(buffer, seed, rank),
+            decode,
+        ]
 
     def val_dataloader(self):
         if self.val_urls is None:
