@@ -90,6 +90,9 @@ def export_module(module, output_dir: str | Path, vision: bool = True) -> Path:
         text_config = llm.config.to_dict()
         rows = llm.get_input_embeddings().num_embeddings
         text_config["vocab_size"] = max(rows, image_token_id + 1)
+        # the LLM's own generation config is built from text_config (not read from generation_config.json):
+        # captions end at our end token ("\n" for OPT, as in the Salesforce/blip2-opt snapshots)
+        text_config["eos_token_id"] = int(module.end_token_id)
         config = Blip2Config(vision_config=vision_config, qformer_config=qformer_config, text_config=text_config,
                              num_query_tokens=qformer.num_query_tokens, image_token_index=image_token_id,
                              use_decoder_only_language_model=module.decoder_only)
