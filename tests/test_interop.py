@@ -183,3 +183,79 @@ def test_stage2_export_generates_our_greedy_captions(llm, cache, tmp_path):
     print(llm, "captions", ours, theirs, "max abs logit diff", as_exported, "with ln_vision eps", eps_matched)
     assert theirs == ours and any(ours)
     assert eps_matched < 1e-5 and as_exported < 1e-3
+
+
+def to_lavis(state: dict) -> dict:
+    """Our stage-1 state dict written in LAVIS's naming (Blip2Qformer), as its .pth files hold it."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("encoder.vit."):
+            out["visual_encoder." + key[len("encoder.vit."):]] = value
+        elif key.startswith("model.ln_vision."):
+            out["ln_vision." + key.rsplit(".", 1)[1]] = value
+        elif key.startswith("model.qformer.layernorm."):
+            out["Qformer.bert.embeddings.LayerNorm." + key.rsplit(".", 1)[1]] = value
+        elif key.startswith("model.embeddings."):
+            out["Qformer.bert.embeddings." + key[len("model.embeddings."):]] = value
+        elif key.startswith("model.qformer."):
+            out["Qformer.bert." + key[len("model.qformer."):].replace(".attention.attention.", ".attention.self.")
+                .replace(".crossattention.attention.", ".crossattention.self.")] = value
+        elif key.startswith("model.lm_head."):
+            out["Qformer.cls.predictions." + key[len("model.lm_head."):]] = value
+        elif key == "model.temp":
+            out["temp"] = value.reshape(())  # LAVIS's temperature is 0-d
+        elif key.startswith("model."):
+            name = key[len("model."):]
+            out[name.replace("vision_projection", "vision_proj").replace("text_projection", "text_proj")] = value
+    return out
+
+
+def test_lavis_checkpoint_reproduces_the_model(stage1_run, cache, tmp_path, capsys):
+    from blip2_train.checkpoint_io import load_init, module_from_checkpoint
+    from blip2_train.stage1 import Stage1Module
+
+    ckpt, _ = stage1_run
+    source, cfg = module_from_checkpoint(ckpt)
+    lavis = to_lavis(source.state_dict())
+    assert "Qformer.bert.encoder.layer.0.attention.self.query.weight" in lavis and "visual_encoder.blocks.0.attn.q_bias" in lavis
+    torch.save({"model": lavis}, tmp_path / "blip2_lavis.pth")
+    torch.manual_seed(123)
+    fresh = Stage1Module(cfg).eval()
+    report = load_init(fresh, tmp_path / "blip2_lavis.pth")
+    printed = capsys.readouterr().out
+    assert "0 missing, 0 unexpected, 0 shape mismatches" in printed, printed
+    assert len(report["matched"]) > 100
+    batch = val_batch(source)
+    images, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        for module in (source, fresh):
+            embeds = module.model.encode_image(module.encoder(images))
+            module.outputs = (module.model.itm_logits(embeds, ids, mask),
+                              module.model.image_features(module.model.query_forward(embeds)),
+                              module.model.text_features(module.model.text_forward(ids, mask)),
+                              module.model.lm_logits(module.model.text_forward(ids, mask)),
+                              module.model.temperature)
+    for ours, imported in zip(source.outputs, fresh.outputs):
+        assert torch.equal(ours, imported)
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    from blip2_train.checkpoint_io import read_state_dict
+
+    import argparse  # any class outside torch's allow-list stands for code that unpickling would run
+
+    torch.save({"model": {"Qformer.x": torch.zeros(1)}, "args": argparse.Namespace(lr=1)}, tmp_path / "evil.pth")
+    with pytest.raises(ValueError, match="weights_only=True"):
+        read_state_dict(tmp_path / "evil.pth")
+
+
+def test_clip_vision_tower_export_stops_with_a_clear_message(cache, tmp_path):
+    from blip2_train.interop.hf_export import export_module
+    from blip2_train.stage1 import Stage1Module
+
+    module = Stage1Module(make_cfg(tmp_path / "run", cache, "encoder=tiny_clip")).eval()
+    with pytest.raises(ValueError, match="export.vision=false"):
+        export_module(module, tmp_path / "hf")
+    export_module(module, tmp_path / "hf", vision=False)
+    meta = json.loads((tmp_path / "hf" / "blip2_train_export.json").read_text())
+    assert meta["vision_tower"] is False and meta["stage"] == 1
