@@ -184,6 +184,15 @@ def test_stage2_export_generates_our_greedy_captions(llm, cache, tmp_path):
     assert theirs == ours and any(ours)
     assert eps_matched < 1e-5 and as_exported < 1e-3
 
+    # the round trip: init_from the export, written as a checkpoint, evaluates as the original
+    from blip2_train.evaluate import evaluate
+
+    train(make_cfg(tmp_path / "back", cache, "stage=2", f"llm={llm}", *gen, "trainer.max_steps=0",
+                   f"init_from={tmp_path / 'hf'}"))
+    back = evaluate(str(tmp_path / "back" / "checkpoints" / "last.ckpt"))
+    original = evaluate(str(ckpt))
+    assert back["metrics"] == original["metrics"] and back["predictions"] == original["predictions"]
+
 
 def to_lavis(state: dict) -> dict:
     """Our stage-1 state dict written in LAVIS's naming (Blip2Qformer), as its .pth files hold it."""
