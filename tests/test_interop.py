@@ -249,9 +249,9 @@ def test_lavis_checkpoint_reproduces_the_model(stage1_run, cache, tmp_path, caps
 
 
 def test_pickled_objects_are_refused(tmp_path):
-    from blip2_train.checkpoint_io import read_state_dict
-
     import argparse  # any class outside torch's allow-list stands for code that unpickling would run
+
+    from blip2_train.checkpoint_io import read_state_dict
 
     torch.save({"model": {"Qformer.x": torch.zeros(1)}, "args": argparse.Namespace(lr=1)}, tmp_path / "evil.pth")
     with pytest.raises(ValueError, match="weights_only=True"):

@@ -36,7 +36,7 @@ def read_hf_directory(directory: Path, skip_prefixes=("language_model.",)) -> di
     if files:
         for file in files:
             with safe_open(str(file), framework="pt") as handle:
-                for key in handle.keys():
+                for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
                     if not key.startswith(tuple(skip_prefixes)):
                         state[key] = handle.get_tensor(key)
     else:

@@ -59,7 +59,12 @@ def image_processor(cfg):
 
 def export_module(module, output_dir: str | Path, vision: bool = True) -> Path:
     """Write ``module`` (a Stage1Module or Stage2Module) as a transformers BLIP-2 directory."""
-    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2Processor
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2ForImageTextRetrieval,
+        Blip2Processor,
+    )
 
     cfg = module.cfg
     output_dir = Path(output_dir)
@@ -80,7 +85,8 @@ def export_module(module, output_dir: str | Path, vision: bool = True) -> Path:
                              image_text_hidden_size=int(cfg.qformer.embed_dim))
         config.qformer_config.use_qformer_text_input = True
         hf = Blip2ForImageTextRetrieval(config)
-        tokenizer = module.tokenizer
+        # a copy: Blip2Processor adds an "<image>" token to its tokenizer (unused by retrieval)
+        tokenizer = _copy_tokenizer(module.tokenizer, output_dir)
         processor = Blip2Processor(image_processor(cfg), tokenizer, num_query_tokens=None)
     else:
         tokenizer = _copy_tokenizer(module.llm_tokenizer, output_dir)
