@@ -268,3 +268,33 @@ def test_clip_vision_tower_export_stops_with_a_clear_message(cache, tmp_path):
     export_module(module, tmp_path / "hf", vision=False)
     meta = json.loads((tmp_path / "hf" / "blip2_train_export.json").read_text())
     assert meta["vision_tower"] is False and meta["stage"] == 1
+
+
+def test_init_from_a_transformers_directory_not_written_by_us(cache, tmp_path, capsys):
+    """A Blip2ForConditionalGeneration saved by transformers itself (as hub snapshots are) initialises stage 2."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    from blip2_train.checkpoint_io import load_init
+    from blip2_train.interop.hf_export import export_module
+    from blip2_train.stage2 import Stage2Module
+
+    module = Stage2Module(make_cfg(tmp_path / "run", cache, "stage=2", "llm=tiny_opt")).eval()
+    export_module(module, tmp_path / "ours")  # only for a config of the right sizes
+    torch.manual_seed(7)
+    hub_like = Blip2ForConditionalGeneration(Blip2Config.from_pretrained(tmp_path / "ours")).eval()
+    hub_like.save_pretrained(tmp_path / "hub")
+    load_init(module, tmp_path / "hub")
+    assert "0 missing, 0 unexpected, 0 shape mismatches" in capsys.readouterr().out
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours = module.visual_prompts(images)
+        image_embeds = hub_like.vision_model(images).last_hidden_state
+        query = hub_like.qformer(query_embeds=hub_like.query_tokens.expand(2, -1, -1),
+                                 encoder_hidden_states=image_embeds).last_hidden_state
+        theirs = hub_like.language_projection(query)
+    hub_like.vision_model.post_layernorm.eps = module.model.ln_vision.eps  # see the README: the one eps
+    with torch.no_grad():
+        query = hub_like.qformer(query_embeds=hub_like.query_tokens.expand(2, -1, -1),
+                                 encoder_hidden_states=hub_like.vision_model(images).last_hidden_state)
+        theirs_eps = hub_like.language_projection(query.last_hidden_state)
+    assert torch.allclose(ours, theirs_eps, atol=1e-5, rtol=0) and torch.allclose(ours, theirs, atol=1e-3, rtol=0)
