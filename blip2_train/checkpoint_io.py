@@ -84,7 +84,7 @@ def load_init(module: nn.Module, path: str | Path) -> dict:
         state = import_external(path, module)
     else:
         state = read_state_dict(path)
-    skip = ("seen_samples", "skipped_samples")  # a run's counters, not weights: they start at 0
+    skip = ("seen_samples", "skipped_samples", "nonfinite_steps", "source_samples")  # a run's counters, not weights: they start at 0
     skip += ("encoder.",) if _encoder_frozen(module) else ()
     if hasattr(module, "llm"):  # the frozen LLM comes from its own weights, never from init_from
         skip += ("llm.",)

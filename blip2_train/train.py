@@ -177,6 +177,11 @@ def train(cfg: DictConfig) -> dict:
         AtomicLastCheckpoint(run_dir / "checkpoints").save(trainer)
     extra = {**module.data_counts(), "resumed_from_step": resumed_from}
     metrics = write_metrics(run_dir, tracker.metrics, trainer.global_step, extra)
+    if cfg.logger.name == "wandb":  # flush this run's files now; a later train() in this process starts its own
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
     if trainer.is_global_zero:
         log.info("final metrics (%s): %s", run_dir / "metrics.json",
                  ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))

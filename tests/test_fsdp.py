@@ -135,7 +135,7 @@ def _run(tmp_path, cache, run, *extra):
     return json.loads((run / "metrics.json").read_text())
 
 
-@pytest.mark.slow  # 4 two-process runs: about a minute each on 2 free cores
+# 4 two-process runs: about a minute each on 2 free cores (in the default suite: the issue asks for them)
 @pytest.mark.parametrize("stage", ["1", "2"])
 def test_fsdp_run_saves_shards_resumes_consolidates_and_evaluates(tmp_path, cache, stage):
     from blip2_train.consolidate import consolidate
