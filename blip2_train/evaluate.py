@@ -17,19 +17,26 @@ from pathlib import Path
 import lightning as L
 
 
-def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
+def split_key_values(argv: list[str], own_keys: tuple[str, ...], required: tuple[str, ...],
+                     doc: str | None) -> tuple[dict, list[str]]:
+    """``key=value`` arguments -> (this command's own keys, the rest as config overrides)."""
     own, overrides = {}, []
     for arg in argv:
         if "=" not in arg:
-            raise SystemExit(f"arguments are key=value pairs, got {arg!r}\n{__doc__}")
+            raise SystemExit(f"arguments are key=value pairs, got {arg!r}\n{doc}")
         key, value = arg.split("=", 1)
-        if key in ("ckpt_path", "output"):
+        if key in own_keys:
             own[key] = value
         else:
             overrides.append(arg)
-    if "ckpt_path" not in own:
-        raise SystemExit(f"ckpt_path=CKPT is required\n{__doc__}")
+    missing = [k for k in required if k not in own]
+    if missing:
+        raise SystemExit(f"{' and '.join(k + '=...' for k in missing)} required\n{doc}")
     return own, overrides
+
+
+def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
+    return split_key_values(argv, ("ckpt_path", "output"), ("ckpt_path",), __doc__)
 
 
 def evaluate(ckpt_path: str, overrides: list[str] = (), output: str | None = None) -> dict:

@@ -15,22 +15,14 @@ import sys
 
 
 def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
-    own, overrides = {"vision": True}, []
-    for arg in argv:
-        if "=" not in arg:
-            raise SystemExit(f"arguments are key=value pairs, got {arg!r}\n{__doc__}")
-        key, value = arg.split("=", 1)
-        if key in ("ckpt_path", "output_dir"):
-            own[key] = value
-        elif key == "export.vision":
-            if value.lower() not in ("true", "false"):
-                raise SystemExit(f"export.vision must be true or false, got {value!r}")
-            own["vision"] = value.lower() == "true"
-        else:
-            overrides.append(arg)
-    missing = [k for k in ("ckpt_path", "output_dir") if k not in own]
-    if missing:
-        raise SystemExit(f"{' and '.join(k + '=...' for k in missing)} required\n{__doc__}")
+    from blip2_train.evaluate import split_key_values
+
+    own, overrides = split_key_values(argv, ("ckpt_path", "output_dir", "export.vision"),
+                                      ("ckpt_path", "output_dir"), __doc__)
+    vision = own.pop("export.vision", "true")
+    if vision.lower() not in ("true", "false"):
+        raise SystemExit(f"export.vision must be true or false, got {vision!r}")
+    own["vision"] = vision.lower() == "true"
     return own, overrides
 
 

@@ -24,8 +24,14 @@ from pathlib import Path
 
 import torch
 
-from blip2_train.data.stages import TEXT_EXT, DataLayoutError, SkipCounter, sample_image_id, stable_id
-from blip2_train.data.text import clean_caption
+from blip2_train.data.stages import (
+    TEXT_EXT,
+    DataLayoutError,
+    SkipCounter,
+    sample_caption,
+    sample_image_id,
+    stable_id,
+)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -147,11 +153,9 @@ class LookupFeatures:
                 counter.skip("not in the feature cache (its image could not be decoded when it was written)",
                              url, key)
                 continue
-            caption = clean_caption(sample[TEXT_EXT].decode("utf-8", errors="replace"), self.max_words)
-            if not caption:
-                counter.skip("empty caption", url, key)
+            caption = sample_caption(sample, self.max_words, counter, url, key)
+            if caption is None:
                 continue
-            counter.good_sample()
             yield {"vision_tokens": tokens[row:row + 1][0].float(), "caption": caption,
                    "image_id": sample_image_id(sample.get("json"), url, key), "key": key}
 

@@ -27,6 +27,16 @@ MAX_BAD_IN_A_ROW = 1000  # a stream that stops yielding good samples is broken, 
 MAX_EMPTY_SHARDS = 100  # shards in a row without a single sample (empty tars under resampling)
 
 
+def sample_caption(sample: dict, max_words: int, counter, url: str, key: str) -> str | None:
+    """The sample's cleaned caption, counting the sample as good; None (skipped, counted) when empty."""
+    caption = clean_caption(sample[TEXT_EXT].decode("utf-8", errors="replace"), max_words)
+    if not caption:
+        counter.skip("empty caption", url, key)
+        return None
+    counter.good_sample()
+    return caption
+
+
 class DataLayoutError(ValueError):
     """Shards whose contents cannot be the img2dataset layout (or cannot be read at all)."""
 
@@ -165,11 +175,9 @@ class DecodeSamples:
             except Exception as err:  # noqa: BLE001 - PIL raises many types for broken files
                 counter.skip(f"undecodable image ({err.__class__.__name__}: {err})", url, key)
                 continue
-            caption = clean_caption(sample[TEXT_EXT].decode("utf-8", errors="replace"), self.max_words)
-            if not caption:
-                counter.skip("empty caption", url, key)
+            caption = sample_caption(sample, self.max_words, counter, url, key)
+            if caption is None:
                 continue
-            counter.good_sample()
             yield {"image": pixels, "caption": caption, "image_id": sample_image_id(sample.get("json"), url, key),
                    "key": key}
         if self.finite and counter.good == 0:  # a validation pass that found nothing usable
