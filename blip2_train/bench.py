@@ -1,7 +1,7 @@
 """``make bench``: time the training steps against this machine's own matmul rate.
 
     python -m blip2_train.bench [--steps 10] [--impl fast,hf] [--batch-sizes 16] [--image-tokens 257]
-                                [--quick] [--checkpointing] [--compile] [--no-loader]
+                                [--sweep-steps N] [--quick] [--checkpointing] [--compile] [--no-loader]
 
 Stage 1 at LAVIS's Q-Former size (BERT-base Q-Former, random init, vocabulary 30523, 32 queries,
 cross-attention every 2nd layer, image tokens [B, 257, 1408] fed directly so the frozen ViT is
@@ -10,12 +10,13 @@ ITG), backward and the trainer's AdamW step. Stage 2: the trainer's ``Stage2Modu
 LM-loss code through an OPT-125m-shaped random decoder (frozen). fp32 on CPU, bf16 autocast on
 GPU. Every figure comes from its own subprocess, so ``peak_rss_mb`` is that step's alone. FLOPs
 are counted with ``FlopCounterMode`` on the warm-up step; utilization = achieved FLOP/s over the
-best dense matmul FLOP/s of the step's main shapes, timed in the same process (before and after
-the steps). ``*_cpu_step_ms`` (process CPU time / threads) and ``*_cpu_utilization`` are the same
+dense matmul FLOP/s of the step's main shapes (the best shape's median), timed in the same process
+between the steps. ``*_cpu_step_ms`` (process CPU time / threads) and ``*_cpu_utilization`` are the same
 figures by CPU time: steadier where other jobs share the cores (see ``load_average_*``).
 
 Top-level ``stage1_*`` figures are for ``qformer.impl=fast`` (the default); ``stage1_hf_*`` for
-transformers' module. More than one batch size or image-token count adds a ``sweep`` table.
+transformers' module. More than one batch size or image-token count adds a ``sweep`` table: the
+first impl at every size (``--sweep-steps`` timed steps), the others at the first size only.
 Writes bench.json in the current directory and prints a table. ``--quick``: tiny sizes, in
 process (for tests).
 """
@@ -69,17 +70,16 @@ def _clocked(fn, device) -> tuple[float, float]:
     return wall, (time.process_time() - cpu) * 1000 / torch.get_num_threads()
 
 
-def matmul_rates(shapes: list[tuple[int, int, int]], device, dtype) -> dict[str, tuple[float, float]]:
-    """(wall, CPU-time) FLOP/s of ``[n, k] @ [k, m]`` for each shape (medians of 10 after 3 warm-up)."""
-    rates = {}
+def matmul_samples(shapes: list[tuple[int, int, int]], device, dtype, reps: int) -> dict[str, list[tuple[float, float]]]:
+    """(wall, CPU-time) FLOP/s of ``reps`` timed ``[n, k] @ [k, m]`` per shape (after one untimed)."""
+    samples = {}
     for n, k, m in shapes:
         a = torch.randn(n, k, device=device, dtype=dtype)
         b = torch.randn(k, m, device=device, dtype=dtype)
-        for _ in range(3):
-            a @ b
-        wall, cpu = zip(*(_clocked(lambda: a @ b, device) for _ in range(10)))
-        rates[f"{n}x{k}x{m}"] = tuple(2 * n * k * m / (statistics.median(t) / 1000) for t in (wall, cpu))
-    return rates
+        a @ b
+        samples[f"{n}x{k}x{m}"] = [tuple(2 * n * k * m / (t / 1000) for t in _clocked(lambda: a @ b, device))
+                                   for _ in range(reps)]
+    return samples
 
 
 # ------------------------------------------------------------------------------ the steps
@@ -205,19 +205,30 @@ def measure(spec: dict) -> dict:
         values.clear()
     h, b, n = (64, spec["batch"], spec["tokens"]) if spec["quick"] else (768, spec["batch"], spec["tokens"])
     shapes = [(3 * b * 64, h, 4 * h), (b * n, spec["width"], h), (3 * b * 64, h, h)]
-    before = matmul_rates(shapes, device, dtype)
-    times, cpu_times = zip(*(_clocked(step, device) for _ in range(spec["steps"])))
+    # The reference matmuls are timed between the steps (3 of each shape before every step, and
+    # after the last), so they see the machine as the steps do: a shared VM's clock drifts by 10-20%
+    # over minutes. Per shape the median of all of them; the peak is the best shape's.
+    samples: dict[str, list] = {}
+    times, cpu_times = [], []
+    for _ in range(spec["steps"]):
+        for key, values in matmul_samples(shapes, device, dtype, reps=3).items():
+            samples.setdefault(key, []).extend(values)
+        wall, cpu = _clocked(step, device)
+        times.append(wall)
+        cpu_times.append(cpu)
+    for key, values in matmul_samples(shapes, device, dtype, reps=3).items():
+        samples[key].extend(values)
     ms, cpu_ms = statistics.median(times), statistics.median(cpu_times)
-    after = matmul_rates(shapes, device, dtype)  # the best of before and after: the steps get no excuse
-    rates = {k: tuple(max(x, y) for x, y in zip(before[k], after[k])) for k in before}
+    rates = {k: tuple(statistics.median(v[i] for v in values) for i in (0, 1)) for k, values in samples.items()}
     peak, cpu_peak = (max(r[i] for r in rates.values()) for i in (0, 1))
+    best = max(v[0] for values in samples.values() for v in values)
     rss = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return {"step_ms": ms, "samples_per_s": spec["batch"] / (ms / 1000), "flops_per_step": flops,
             "utilization": flops / (ms / 1000) / peak, "peak_rss_mb": rss, "matmul_flops_per_s": peak,
             "matmul_shapes_flops_per_s": {k: r[0] for k, r in rates.items()}, "step_ms_all": list(times),
             "cpu_step_ms": cpu_ms, "cpu_utilization": flops / (cpu_ms / 1000) / cpu_peak,
-            "cpu_matmul_flops_per_s": cpu_peak,
+            "cpu_matmul_flops_per_s": cpu_peak, "matmul_best_flops_per_s": best,
             **{k: statistics.median(v) for k, v in spec["phases"].items()}}
 
 
@@ -302,11 +313,14 @@ def _table(result: dict) -> str:
         elif isinstance(value, int) and not isinstance(value, bool):
             rows.append(f"{key:34s} {value:,}")
     if result.get("sweep"):
-        rows += ["", "| impl | batch | image tokens | step (ms) | CPU ms / thread | samples/s | TFLOP/step | "
-                 "utilization | peak RSS (MB) |", "|---|---|---|---|---|---|---|---|---|"]
-        rows += [f"| {r['impl']} | {r['batch']} | {r['tokens']} | {r['step_ms']:,.0f} | {r['cpu_step_ms']:,.0f} | "
+        rows += ["", "| impl | batch | image tokens | step (ms) | ms / sample | CPU ms / thread | samples/s | "
+                 "TFLOP/step | utilization | peak RSS (MB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+        rows += [f"| {r['impl']}{' (checkpointing)' if r.get('checkpointing') else ''} | {r['batch']} | "
+                 f"{r['tokens']} | {r['step_ms']:,.0f} | {r['step_ms'] / r['batch']:,.0f} | {r['cpu_step_ms']:,.0f} | "
                  f"{r['samples_per_s']:.3g} | {r['flops_per_step'] / 1e12:.3g} | {r['utilization']:.2f} | "
-                 f"{r['peak_rss_mb']:,.0f} |" for r in result["sweep"]]
+                 f"{r['peak_rss_mb']:,.0f} |" for r in result["sweep"] if "error" not in r]
+        rows += [f"| {r['impl']} | {r['batch']} | {r['tokens']} | failed: {r['error']} |"
+                 for r in result["sweep"] if "error" in r]
     return "\n".join(rows)
 
 
@@ -315,10 +329,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per figure (after 1 warm-up)")
     parser.add_argument("--impl", default="fast,hf", help="Q-Former implementations for stage 1; the first "
                         "one gives the stage1_* and stage2_* figures")
-    parser.add_argument("--batch-sizes", default="16")
+    parser.add_argument("--batch-sizes", default="16", help="the first is the main figure's batch size")
+    parser.add_argument("--sweep-steps", type=int, help="timed steps of the other sweep rows (default: --steps)")
     parser.add_argument("--image-tokens", default="257")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, measured in this process")
     parser.add_argument("--checkpointing", action="store_true", help="qformer.gradient_checkpointing=true")
+    parser.add_argument("--checkpointing-from", type=int, help="qformer.gradient_checkpointing=true from this "
+                        "batch size up (sweep rows whose activations would not fit in memory)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the loss computation")
     parser.add_argument("--no-stage2", action="store_true")
     parser.add_argument("--no-loader", action="store_true", help="skip loader_images_per_s")
@@ -342,11 +359,25 @@ def main(argv=None) -> dict:
     sweep = []
     for tokens in token_counts:
         for batch in batches:
-            for impl in impls:
-                spec = {**base, "kind": "stage1", "impl": impl, "batch": batch,
+            main_config = batch == batches[0] and tokens == token_counts[0]
+            # the main configuration (first batch size and token count) runs every impl with --steps;
+            # the other sweep rows run the first impl with --sweep-steps
+            for impl in impls if main_config else impls[:1]:
+                steps = args.steps if main_config or args.sweep_steps is None else args.sweep_steps
+                spec = {**base, "steps": steps, "kind": "stage1", "impl": impl, "batch": batch,
                         "tokens": 17 if args.quick else tokens}
-                figures = run_isolated(spec, args.quick)
-                sweep.append({"impl": impl, "batch": batch, "tokens": spec["tokens"], **figures})
+                if args.checkpointing_from is not None and batch >= args.checkpointing_from:
+                    spec["checkpointing"] = True
+                row = {"impl": impl, "batch": batch, "tokens": spec["tokens"], "checkpointing": spec["checkpointing"]}
+                try:
+                    figures = run_isolated(spec, args.quick)
+                except RuntimeError as err:  # a sweep row that does not fit (memory) costs only its row
+                    if main_config:
+                        raise
+                    sweep.append({**row, "error": str(err).splitlines()[0]})
+                    print(f"stage1 impl={impl} B={batch} tokens={spec['tokens']}: failed, {err}", file=sys.stderr)
+                    continue
+                sweep.append({**row, **figures})
                 print(f"stage1 impl={impl} B={batch} tokens={spec['tokens']}: {figures['step_ms']:,.0f} ms/step, "
                       f"utilization {figures['utilization']:.2f}", file=sys.stderr, flush=True)
     main_rows = {r["impl"]: r for r in sweep if r["batch"] == batches[0] and r["tokens"] == sweep[0]["tokens"]}
@@ -380,8 +411,9 @@ def main(argv=None) -> dict:
         result["loader_note"] = "train pipeline on generated 256-px JPEG shards, 224-px RandomResizedCrop"
     result["load_average_after"] = os.getloadavg()[0]  # other work on the machine skews every figure
     if len(sweep) > len(impls):
-        result["sweep"] = [{k: r[k] for k in ("impl", "batch", "tokens", "step_ms", "samples_per_s", "flops_per_step",
-                                              "utilization", "peak_rss_mb", "cpu_step_ms")} for r in sweep]
+        result["sweep"] = [{k: r[k] for k in ("impl", "batch", "tokens", "checkpointing", "step_ms", "samples_per_s",
+                                              "flops_per_step", "utilization", "peak_rss_mb", "cpu_step_ms",
+                                              "matmul_flops_per_s", "error") if k in r} for r in sweep]
     with open(args.output, "w") as handle:
         json.dump(result, handle, indent=2)
     print(_table(result))

@@ -27,10 +27,18 @@ def lr_at(step: int, warmup_steps: int, max_steps: int, peak: float, minimum: fl
     return minimum + (peak - minimum) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+IMPLEMENTATIONS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}
+
+
 def build_optimizer(model: nn.Module, optim_cfg, max_steps: int):
-    """AdamW + a per-step LambdaLR following :func:`lr_at` (Lightning config dict)."""
+    """AdamW (``optim.implementation``) + a per-step LambdaLR following :func:`lr_at` (Lightning config dict)."""
+    implementation = getattr(optim_cfg, "implementation", "fused")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"optim.implementation={implementation!r} is not valid; choose one of "
+                         f"{', '.join(IMPLEMENTATIONS)}")
     optimizer = torch.optim.AdamW(param_groups(model, optim_cfg.weight_decay), lr=optim_cfg.lr,
-                                  betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
+                                  betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
+                                  **IMPLEMENTATIONS[implementation])
     peak = optim_cfg.lr
 
     def factor(step: int) -> float:

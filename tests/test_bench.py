@@ -15,3 +15,14 @@ def test_bench_quick_writes_bench_json(tmp_path):
         assert saved[f"{stage}_utilization"] > 0  # (an upper bound is noise-prone on a shared CPU)
         assert abs(saved[f"{stage}_samples_per_s"] - 16 / (saved[f"{stage}_step_ms"] / 1000)) < 1e-6
     assert saved["stage1_batch_size"] == 16 and saved["matmul_flops_per_s"] > 0 and saved["peak_rss_mb"] > 0
+
+
+def test_bench_sweep_rows_and_per_row_checkpointing(tmp_path):
+    """A sweep: every impl at the first size, the first impl at the others; --checkpointing-from per row."""
+    out = tmp_path / "bench.json"
+    result = main(["--quick", "--steps", "2", "--sweep-steps", "1", "--batch-sizes", "16,8", "--no-stage2",
+                   "--no-loader", "--checkpointing-from", "16", "--output", str(out)])
+    rows = [(r["impl"], r["batch"], r["checkpointing"]) for r in result["sweep"]]
+    assert rows == [("fast", 16, True), ("hf", 16, True), ("fast", 8, False)]
+    assert all(r["step_ms"] > 0 and r["matmul_flops_per_s"] > 0 for r in result["sweep"])
+    assert result["sweep"][2]["flops_per_step"] < result["sweep"][0]["flops_per_step"]

@@ -7,7 +7,7 @@ from transformers import Blip2QFormerConfig
 from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel
 
 from blip2_train.config import CONF_DIR, normalize_overrides, register_configs
-from blip2_train.models.fast_qformer import FastQFormerModel
+from blip2_train.models.fast_qformer import Dropout, FastQFormerModel, MultiHeadAttention, packed_keep_mask
 from blip2_train.models.qformer import itg_mask, itm_mask
 
 register_configs()
@@ -167,8 +167,11 @@ def test_chunks_with_offsets_read_the_right_kv_rows():
         fast(joint[:10], QUERIES, itm[:10], cross_kv=kv, image_index=[0, 4, 0])
 
 
-def test_gradient_checkpointing_keeps_gradients():
+@pytest.mark.parametrize("masks", ["torch", "packed"])
+def test_gradient_checkpointing_keeps_gradients(masks):
+    """Recomputed layers redraw the same dropout masks (torch restores the generator), packed ones too."""
     _, fast = pair()
+    fast.set_dropout_masks(masks)
     kwargs = passes(*inputs())["itg"]
     fast.train()
     grads = []
@@ -187,6 +190,7 @@ def stage1_module(tmp_path, impl):
     from blip2_train.stage1 import Stage1Module
 
     overrides = [f"cache_dir={tmp_path}", f"run_dir={tmp_path / 'run'}", f"qformer.impl={impl}",
+                 "qformer.dropout_masks=torch",  # transformers' draws, so train mode compares exactly
                  "qformer.num_hidden_layers=2", "qformer.num_query_tokens=8"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=normalize_overrides(overrides))
@@ -241,3 +245,75 @@ def test_stage1_losses_and_gradients_equal_transformers(tmp_path, monkeypatch, s
         assert "ln_vision.weight" in grads and "qformer.encoder.layer.0.crossattention.attention.key.weight" in grads
         for name in expected_grads:
             assert torch.allclose(grads[name], expected_grads[name], atol=1e-5), name
+
+
+# ------------------------------------------------------------------ packed dropout masks
+def test_packed_keep_mask_rate_lanes_and_seeding():
+    """P(keep) = round(0.9 * 2^16) / 2^16 in every one of the four int16 lanes of a word; seeded."""
+    torch.manual_seed(0)
+    mask = packed_keep_mask((1000, 4000), 0.1, torch.device("cpu"))
+    assert mask.dtype == torch.bool and mask.shape == (1000, 4000)
+    expected = 58982 / 65536
+    sigma = (expected * (1 - expected) / 1e6) ** 0.5
+    lanes = mask.flatten().view(-1, 4).float().mean(0)  # lane j: bits 16j..16j+15 of each word
+    assert ((lanes - expected).abs() < 4 * sigma).all(), lanes
+    rows = mask.float().mean(1)  # no structure along the rows either: binomial spread
+    assert rows.std().item() == pytest.approx((expected * (1 - expected) / 4000) ** 0.5, rel=0.1)
+    torch.manual_seed(0)
+    assert torch.equal(packed_keep_mask((1000, 4000), 0.1, torch.device("cpu")), mask)
+    odd = packed_keep_mask((3, 5, 7), 0.5, torch.device("cpu"))  # 105 elements: not a multiple of 4
+    assert odd.shape == (3, 5, 7) and 0.3 < odd.float().mean().item() < 0.7
+    assert not packed_keep_mask((64,), 1.0, torch.device("cpu")).any()
+    assert packed_keep_mask((64,), 0.0, torch.device("cpu")).all()
+
+
+def test_packed_dropout_scales_kept_values_and_masks_the_gradient():
+    drop = Dropout(0.25)
+    drop.masks = "packed"
+    x = torch.randn(64, 96, requires_grad=True)
+    torch.manual_seed(1)
+    y = drop(x)
+    torch.manual_seed(1)
+    keep = packed_keep_mask(x.shape, 0.25, x.device)
+    assert torch.allclose(y, x.detach() * keep / 0.75, rtol=1e-6, atol=0) and (y[~keep] == 0).all()
+    assert 0.65 < keep.float().mean().item() < 0.85
+    y.backward(torch.ones_like(y))
+    assert torch.allclose(x.grad, keep.float() / 0.75, rtol=1e-6, atol=0)
+    drop.eval()
+    assert drop(x) is x
+
+
+def test_packed_attention_dropout_acts_on_the_probabilities():
+    """Scores -> softmax -> keep mask -> @ V / (1 - p): the mask drawn right after the softmax."""
+    _, fast = pair()
+    attention = fast.encoder.layer[0].attention.attention
+    assert isinstance(attention, MultiHeadAttention)
+    fast.set_dropout_masks("packed")
+    fast.train()
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(3, 4, 6, 8, generator=g) for _ in range(3))
+    torch.manual_seed(4)
+    got = attention.attend(q, k, v, None)
+    torch.manual_seed(4)
+    keep = packed_keep_mask((3, 4, 6, 6), attention.dropout, q.device)
+    probs = (q @ k.transpose(-1, -2) / 8 ** 0.5).softmax(-1)
+    assert torch.allclose(got, (probs * keep / (1 - attention.dropout)) @ v, atol=1e-6)
+    assert not keep.all()
+
+
+def test_packed_masks_change_only_the_draws():
+    """Eval: identical to torch's masks; train: seeded, repeatable, and the loss scale is unchanged."""
+    hf, fast = pair()
+    fast.set_dropout_masks("packed")
+    kwargs = passes(*inputs())["itm"]
+    fast.eval()
+    hf.eval()
+    assert torch.equal(fast(**kwargs).last_hidden_state, hf(**kwargs).last_hidden_state)
+    fast.train()
+    outs = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        outs.append(fast(**kwargs).last_hidden_state)
+    assert torch.equal(outs[0], outs[1]) and not torch.allclose(outs[0], outs[2], atol=1e-3)
+    with pytest.raises(ValueError, match="packed, torch"):
+        fast.set_dropout_masks("bernoulli")

@@ -101,3 +101,32 @@ def test_recall_with_several_captions_per_image_uses_best_caption_and_unique_ima
     assert [r["txt_r1"], r["txt_r2"], r["txt_r3"]] == pytest.approx([1 / 3, 2 / 3, 1.0])
     assert [r["img_r1"], r["img_r2"], r["img_r3"]] == pytest.approx([2 / 6, 4 / 6, 1.0])
     assert r["txt_r_mean"] == pytest.approx(2 / 3) and r["img_r_mean"] == pytest.approx(2 / 3)
+
+
+def test_adamw_implementations_agree_and_bad_names_are_refused():
+    """optim.implementation fused / foreach / for_loop: the same AdamW update (to rounding)."""
+    from omegaconf import OmegaConf
+
+    from blip2_train.config import OptimConfig
+
+    results = {}
+    for implementation in ("fused", "foreach", "for_loop"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))
+        cfg = OmegaConf.structured(OptimConfig(implementation=implementation, lr=1e-2, warmup_steps=0))
+        optimizer = build_optimizer(model, cfg, max_steps=10)["optimizer"]
+        assert bool(optimizer.defaults["fused"]) is (implementation == "fused")
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            model(torch.randn(32, 8, generator=g)).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        results[implementation] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.manual_seed(0)
+    initial = torch.cat([p.detach().flatten() for p in
+                         nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4)).parameters()])
+    assert (results["for_loop"] - initial).abs().max() > 1e-2  # the steps moved the weights
+    assert torch.allclose(results["fused"], results["for_loop"], atol=1e-6)
+    assert torch.allclose(results["foreach"], results["for_loop"], atol=1e-6)
+    with pytest.raises(ValueError, match="fused, foreach, for_loop"):
+        build_optimizer(model, OmegaConf.structured(OptimConfig(implementation="adam8bit")), max_steps=10)

@@ -11,6 +11,7 @@ them, indexed by an image index where a pass sees images in another order (ITM's
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -24,6 +25,39 @@ CrossKV = list[tuple[torch.Tensor, torch.Tensor]]
 # offset o (row b reads K/V row o + b: a view) or a LongTensor [C] of K/V rows (a gather).
 # ITM on one process: [0, negative_images, 0]; on several: K/V [local; negatives] and [0, B, 0].
 Chunks = list  # list[int | torch.Tensor]
+
+
+DROPOUT_MASKS = ("packed", "torch")
+
+
+def packed_keep_mask(shape: tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
+    """Bool mask, True with probability round((1 - p) * 2^16) / 2^16: four draws per random 64-bit word.
+
+    torch's CPU ``bernoulli_`` spends one generator call and a double compare per element (about
+    13 ns); slicing full-range random int64 words into int16 lanes and comparing them with one
+    threshold is about 6x faster, and the mask is one byte per element instead of four.
+    """
+    numel = math.prod(shape)
+    threshold = round((1.0 - p) * 65536) - 32768  # int16 lanes are uniform on [-32768, 32767]
+    if threshold > 32767:  # p ~ 0: keep all (the int16 compare could not express it)
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None)
+    return (words.view(torch.int16)[:numel] < threshold).view(shape)
+
+
+def _packed(masks: str, x: torch.Tensor) -> bool:
+    return masks == "packed" and x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` whose CPU masks can be drawn packed (``masks="packed"``, see :func:`packed_keep_mask`)."""
+
+    masks = "torch"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0 or not _packed(self.masks, x):
+            return super().forward(x)
+        return x.mul(packed_keep_mask(x.shape, self.p, x.device)).mul_(1.0 / (1.0 - self.p))
 
 
 class QFormerOutput(NamedTuple):
@@ -43,6 +77,7 @@ class MultiHeadAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.dropout = config.attention_probs_dropout_prob
+        self.masks = "torch"  # see Dropout
         kv_width = config.encoder_hidden_size if is_cross_attention else config.hidden_size
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(kv_width, config.hidden_size)
@@ -75,18 +110,29 @@ class MultiHeadAttention(nn.Module):
 
         Without dropout: SDPA (its fused CPU/GPU kernels). With dropout, written out: SDPA's
         math fallback would scale both q and k and copy k^T; here k^T stays a strided view and
-        the scale goes onto the [L, N] scores. Same draws as dropout on the probabilities
-        (``keep``: a ready mask of kept / (1 - p), drawn by the caller in another layout).
+        the scale goes onto the [L, N] scores. ``keep``: a mask drawn by the caller in another
+        layout, bool (packed: the 1 / (1 - p) goes onto the [L, d] output) or float (kept / (1 - p)).
         """
         p = self.dropout if self.training else 0.0
         if p == 0.0 and keep is None:
             return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=self.head_dim ** -0.5)
         scores = torch.matmul(query, key.transpose(-1, -2)).mul_(self.head_dim ** -0.5)  # [B, h, L, N]
         if mask is not None:
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
         probs = scores.softmax(dim=-1)
-        probs = probs * keep if keep is not None else F.dropout(probs, p)
-        return torch.matmul(probs, value)
+        if keep is None:
+            keep = self.keep_mask(probs.shape, probs)
+        if keep.dtype == torch.bool:
+            return torch.matmul(probs.mul(keep), value).mul_(1.0 / (1.0 - p))
+        return torch.matmul(probs * keep, value)
+
+    def keep_mask(self, shape, like: torch.Tensor) -> torch.Tensor:
+        """Dropout mask for attention probabilities of ``shape``: bool (packed) or kept / (1 - p)
+        (torch: the draws ``F.dropout`` makes on the CPU)."""
+        p = self.dropout
+        if _packed(self.masks, like):
+            return packed_keep_mask(shape, p, like.device)
+        return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(1 - p).div_(1 - p)
 
     def attend_chunks(self, query, key, value, chunks: Chunks) -> torch.Tensor:
         """Cross-attention of rows in chunks over shared K/V without copying K/V per row.
@@ -104,8 +150,7 @@ class MultiHeadAttention(nn.Module):
         keep = None
         p = self.dropout if self.training else 0.0
         if p > 0.0:  # the draws dropout on [R, h, Q, N] probabilities would make, in that layout
-            keep = torch.empty(query.shape[0], heads, length, key.shape[2], dtype=query.dtype,
-                               device=query.device).bernoulli_(1 - p).div_(1 - p).unflatten(0, (n, rows))
+            keep = self.keep_mask((query.shape[0], heads, length, key.shape[2]), query).unflatten(0, (n, rows))
         outs: list[Optional[torch.Tensor]] = [None] * n
         groups: dict[int, list[int]] = {}
         for i, chunk in enumerate(chunks):
@@ -131,7 +176,7 @@ class DenseResidual(nn.Module):
         super().__init__()
         self.dense = nn.Linear(in_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(self.dropout(self.dense(hidden)) + residual)
@@ -190,14 +235,17 @@ class QFormerLayer(nn.Module):
         attended = self.attention(hidden, mask)  # [B, L, H]
         if query_length == 0:
             return self.output(self.intermediate(attended), attended)
-        queries = attended[:, :query_length]  # [B, Q, H]
+        text = None
+        if attended.shape[1] > query_length:  # split: one cat in backward, not two zero-padded slices
+            queries, text = attended.split([query_length, attended.shape[1] - query_length], dim=1)
+        else:
+            queries = attended  # [B, Q, H]
         if self.has_cross_attention:
             if kv is None:
                 raise ValueError("this layer cross-attends: pass encoder_hidden_states or cross_kv")
             queries = self.crossattention(queries, kv=kv, chunks=chunks)
         out = self.output_query(self.intermediate_query(queries), queries)
-        if attended.shape[1] > query_length:
-            text = attended[:, query_length:]  # [B, T, H]
+        if text is not None:  # [B, T, H]
             out = torch.cat([out, self.output(self.intermediate(text), text)], dim=1)
         return out
 
@@ -211,15 +259,24 @@ class Encoder(nn.Module):
 class FastQFormerModel(nn.Module):
     """Drop-in for ``Blip2QFormerModel`` (same state dict) whose passes can share cross-attention K/V."""
 
-    def __init__(self, config):
-        """``config``: a transformers ``Blip2QFormerConfig`` (only its sizes and flags are read)."""
+    def __init__(self, config, dropout_masks: str = "torch"):
+        """``config``: a transformers ``Blip2QFormerConfig`` (only its sizes and flags are read).
+        ``dropout_masks``: "torch" (transformers' draws) or "packed" (see :class:`Dropout`)."""
         super().__init__()
         self.config = config
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
         self.encoder = Encoder(config)
         self.gradient_checkpointing = False
         self._init_weights(config.initializer_range)
+        self.set_dropout_masks(dropout_masks)
+
+    def set_dropout_masks(self, kind: str) -> None:
+        if kind not in DROPOUT_MASKS:
+            raise ValueError(f"qformer.dropout_masks={kind!r} is not valid; choose one of {', '.join(DROPOUT_MASKS)}")
+        for module in self.modules():
+            if isinstance(module, (Dropout, MultiHeadAttention)):
+                module.masks = kind
 
     @torch.no_grad()
     def _init_weights(self, std: float) -> None:

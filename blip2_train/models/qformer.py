@@ -97,7 +97,9 @@ class QFormer(nn.Module):
         impl = getattr(cfg, "impl", "fast")
         if impl not in ("fast", "hf"):
             raise ValueError(f"qformer.impl={impl!r} is not valid; choose fast or hf")
-        self.qformer = FastQFormerModel(self.config) if impl == "fast" else Blip2QFormerModel(self.config)
+        masks = getattr(cfg, "dropout_masks", "packed")
+        self.qformer = (FastQFormerModel(self.config, dropout_masks=masks) if impl == "fast"
+                        else Blip2QFormerModel(self.config))
         if not query_only:
             self.vision_projection = nn.Linear(width, cfg.embed_dim)
             self.text_projection = nn.Linear(width, cfg.embed_dim)
