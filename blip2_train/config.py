@@ -240,6 +240,8 @@ VALID = {
     "llm.name": ("none", "opt", "flant5", "tiny_opt", "tiny_t5"),
     "llm.precision": ("fp32", "fp16", "bf16"),
     "qformer.impl": ("fast", "hf"),
+    "qformer.dropout_masks": ("packed", "torch"),
+    "optim.implementation": ("fused", "foreach", "for_loop"),
 }
 
 

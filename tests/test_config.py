@@ -98,6 +98,13 @@ def test_unknown_value_of_a_checked_field_names_the_valid_ones():
         validate(cfg)
 
 
+@pytest.mark.parametrize("override,valid", [("qformer.dropout_masks=bernoulli", "packed, torch"),
+                                            ("optim.implementation=apex", "fused, foreach, for_loop")])
+def test_speed_switches_name_their_valid_values(override, valid):
+    with pytest.raises(ValueError, match=f"{override.split('=')[0]}='.*'.*{valid}"):
+        validate(make(override))
+
+
 def test_webdataset_without_shards_is_a_clear_error():
     cfg = make("data=webdataset")
     with pytest.raises(ValueError, match="data.train_shards"):

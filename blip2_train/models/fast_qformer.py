@@ -121,7 +121,9 @@ class MultiHeadAttention(nn.Module):
             scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
         probs = scores.softmax(dim=-1)
         if keep is None:
-            keep = self.keep_mask(probs.shape, probs)
+            if not _packed(self.masks, probs):  # torch's dropout: on the GPU its fused kernel
+                return torch.matmul(F.dropout(probs, p), value)
+            keep = packed_keep_mask(probs.shape, p, probs.device)
         if keep.dtype == torch.bool:
             return torch.matmul(probs.mul(keep), value).mul_(1.0 / (1.0 - p))
         return torch.matmul(probs * keep, value)
