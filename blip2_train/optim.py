@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from blip2_train.config import VALID
+
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only: biases and 1-D parameters (norms, temperature) get none."""
@@ -27,7 +29,9 @@ def lr_at(step: int, warmup_steps: int, max_steps: int, peak: float, minimum: fl
     return minimum + (peak - minimum) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+# optim.implementation (names: config.VALID) -> torch.optim.AdamW keyword arguments
 IMPLEMENTATIONS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}
+assert tuple(IMPLEMENTATIONS) == VALID["optim.implementation"]
 
 
 def build_optimizer(model: nn.Module, optim_cfg, max_steps: int):
@@ -35,7 +39,7 @@ def build_optimizer(model: nn.Module, optim_cfg, max_steps: int):
     implementation = getattr(optim_cfg, "implementation", "fused")
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"optim.implementation={implementation!r} is not valid; choose one of "
-                         f"{', '.join(IMPLEMENTATIONS)}")
+                         f"{', '.join(VALID['optim.implementation'])}")
     optimizer = torch.optim.AdamW(param_groups(model, optim_cfg.weight_decay), lr=optim_cfg.lr,
                                   betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
                                   **IMPLEMENTATIONS[implementation])

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from blip2_train.config import VALID
+
 # Per cross-attention layer, in layer order: (key, value), each [B, heads, N, head_dim].
 CrossKV = list[tuple[torch.Tensor, torch.Tensor]]
 # The rows of a pass in equal chunks of C rows; per chunk, where its images' K/V are: an int
@@ -27,7 +29,7 @@ CrossKV = list[tuple[torch.Tensor, torch.Tensor]]
 Chunks = list  # list[int | torch.Tensor]
 
 
-DROPOUT_MASKS = ("packed", "torch")
+DROPOUT_MASKS = VALID["qformer.dropout_masks"]  # ("packed", "torch")
 
 
 def packed_keep_mask(shape: tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
@@ -123,7 +125,7 @@ class MultiHeadAttention(nn.Module):
         if keep is None:
             if not _packed(self.masks, probs):  # torch's dropout: on the GPU its fused kernel
                 return torch.matmul(F.dropout(probs, p), value)
-            keep = packed_keep_mask(probs.shape, p, probs.device)
+            keep = self.keep_mask(probs.shape, probs)
         if keep.dtype == torch.bool:
             return torch.matmul(probs.mul(keep), value).mul_(1.0 / (1.0 - p))
         return torch.matmul(probs * keep, value)
