@@ -127,6 +127,15 @@ def _optimizer(module: nn.Module):
 
 def stage1_step(spec: dict, device):
     """A closure running one stage-1 training step (phases timed into ``spec['phases']``)."""
+    if spec["impl"] == "lavis":  # LAVIS's own code, the peer (blip2_train/peer_lavis.py)
+        from blip2_train import peer_lavis
+
+        sizes = {k: QUICK_QFORMER[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                               "intermediate_size", "num_query_tokens")} if spec["quick"] else {}
+        model, samples = peer_lavis.build(spec, sizes, TEXT_LEN)
+        model = model.to(device)
+        samples = {"image": samples["image"].to(device), "text_input": samples["text_input"]}
+        return _train_step(lambda: model(samples)["loss"], model, _optimizer(model), spec, device)
     model = _qformer(spec, query_only=False).to(device).train()
     runner = _Stage1(model, OmegaConf.structured(StageConfig()), dec_token_id=spec["vocab"] - 1)
     optimizer = _optimizer(model)
@@ -327,8 +336,9 @@ def _table(result: dict) -> str:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per figure (after 1 warm-up)")
-    parser.add_argument("--impl", default="fast,hf", help="Q-Former implementations for stage 1; the first "
-                        "one gives the stage1_* and stage2_* figures")
+    parser.add_argument("--impl", default="fast,hf,lavis", help="Q-Former implementations for stage 1; the "
+                        "first one gives the stage1_* and stage2_* figures; lavis = LAVIS's own code (fetched "
+                        "into .cache/lavis, see blip2_train/peer_lavis.py; a row recorded as failed if it cannot be)")
     parser.add_argument("--batch-sizes", default="16", help="the first is the main figure's batch size")
     parser.add_argument("--sweep-steps", type=int, help="timed steps of the other sweep rows (default: --steps)")
     parser.add_argument("--image-tokens", default="257")
@@ -366,13 +376,22 @@ def main(argv=None) -> dict:
                 steps = args.steps if main_config or args.sweep_steps is None else args.sweep_steps
                 spec = {**base, "steps": steps, "kind": "stage1", "impl": impl, "batch": batch,
                         "tokens": 17 if args.quick else tokens}
-                if args.checkpointing_from is not None and batch >= args.checkpointing_from:
+                if args.checkpointing_from is not None and batch >= args.checkpointing_from and impl != "lavis":
                     spec["checkpointing"] = True
                 row = {"impl": impl, "batch": batch, "tokens": spec["tokens"], "checkpointing": spec["checkpointing"]}
+                if impl == "lavis":
+                    from blip2_train.peer_lavis import LavisUnavailable, fetch_sources
+
+                    try:
+                        fetch_sources()
+                    except LavisUnavailable as err:
+                        sweep.append({**row, "error": str(err)})
+                        print(f"stage1 impl=lavis: skipped, {err}", file=sys.stderr)
+                        continue
                 try:
                     figures = run_isolated(spec, args.quick)
                 except RuntimeError as err:  # a sweep row that does not fit (memory) costs only its row
-                    if main_config:
+                    if main_config and impl != "lavis":
                         raise
                     sweep.append({**row, "error": str(err).splitlines()[0]})
                     print(f"stage1 impl={impl} B={batch} tokens={spec['tokens']}: failed, {err}", file=sys.stderr)
@@ -380,7 +399,8 @@ def main(argv=None) -> dict:
                 sweep.append({**row, **figures})
                 print(f"stage1 impl={impl} B={batch} tokens={spec['tokens']}: {figures['step_ms']:,.0f} ms/step, "
                       f"utilization {figures['utilization']:.2f}", file=sys.stderr, flush=True)
-    main_rows = {r["impl"]: r for r in sweep if r["batch"] == batches[0] and r["tokens"] == sweep[0]["tokens"]}
+    main_rows = {r["impl"]: r for r in sweep
+                 if r["batch"] == batches[0] and r["tokens"] == sweep[0]["tokens"] and "error" not in r}
     first = main_rows[impls[0]]
     result.update({"matmul_flops_per_s": first["matmul_flops_per_s"],
                    "cpu_matmul_flops_per_s": first["cpu_matmul_flops_per_s"],
@@ -394,6 +414,16 @@ def main(argv=None) -> dict:
     for impl, row in main_rows.items():
         prefix = "stage1" if impl == impls[0] else f"stage1_{impl}"
         result.update({f"{prefix}_{k}": row[k] for k in keys})
+    for impl, row in main_rows.items():
+        if impl != impls[0]:  # samples/s of the first impl over this one's, as measured ...
+            result[f"stage1_speedup_vs_{impl}"] = first["samples_per_s"] / row["samples_per_s"]
+            # ... and at an equal machine speed: each step time in units of its own reference
+            # matmul rate (= FLOPs / utilization), since a shared VM's speed drifts between rows
+            result[f"stage1_speedup_vs_{impl}_at_equal_matmul_rate"] = (
+                row["step_ms"] * row["matmul_flops_per_s"]) / (first["step_ms"] * first["matmul_flops_per_s"])
+    for row in sweep:
+        if row["impl"] == "lavis" and "error" in row:
+            result["stage1_lavis_note"] = row["error"]
     result["peak_rss_mb"] = first["peak_rss_mb"]
     if not args.no_stage2:
         spec = {**base, "kind": "stage2", "impl": impls[0], "batch": batches[0],

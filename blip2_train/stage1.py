@@ -68,7 +68,7 @@ class Stage1Module(Blip2Base):
         dec_ids[:, 0] = self.dec_token_id
         hidden = model.joint_forward(image_embeds, dec_ids, itg_mask(text_mask, num_queries), cross_kv)
         image_feats = model.image_features(hidden[:, :num_queries])  # [B, Q, D]
-        text_feats = model.text_features(model.text_forward(input_ids, text_mask))  # [B, D]
+        text_feats = model.text_features(model.text_forward(input_ids, text_mask, output_length=1))  # [B, D]
 
         # ---- ITC over the global batch
         image_feats_all = gather_with_grad(image_feats)  # [N, Q, D]
@@ -137,7 +137,7 @@ class Stage1Module(Blip2Base):
         image_embeds = self.model.encode_image(self.encoder(batch["image"]))
         image_feats = self.model.image_features(self.model.query_forward(image_embeds))
         text_feats = self.model.text_features(self.model.text_forward(batch["input_ids"],
-                                                                      batch["attention_mask"]))
+                                                                      batch["attention_mask"], output_length=1))
         self._val_outputs.append({
             "image_embeds": image_embeds.cpu(), "image_feats": image_feats.cpu(),
             "text_feats": text_feats.cpu(), "input_ids": batch["input_ids"].cpu(),

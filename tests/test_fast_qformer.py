@@ -317,3 +317,48 @@ def test_packed_masks_change_only_the_draws():
     assert torch.equal(outs[0], outs[1]) and not torch.allclose(outs[0], outs[2], atol=1e-3)
     with pytest.raises(ValueError, match="packed, torch"):
         fast.set_dropout_masks("bernoulli")
+
+
+# ------------------------------------------------------------- outputs only where they are read
+@pytest.mark.parametrize("kind,length", [("itm", QUERIES), ("text_only", 1)])
+def test_output_length_computes_only_the_rows_read_with_the_same_values_and_gradients(kind, length):
+    """ITM reads the query outputs, ITC the text's [CLS]: the last layer computes those rows only
+    (fewer FLOPs), with transformers' values and input gradients for them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    hf, fast = pair()
+    hf.eval()
+    fast.eval()
+    kwargs = passes(*inputs())[kind]
+    leaf = kwargs["query_embeds"].clone().requires_grad_()
+    kwargs = {**kwargs, "query_embeds": leaf}
+    expected = hf(**kwargs).last_hidden_state[:, :length]
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), leaf)
+    with FlopCounterMode(display=False) as full:
+        fast(**kwargs)
+    with FlopCounterMode(display=False) as pruned:
+        got = fast(**kwargs, output_length=length).last_hidden_state
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=1e-5)
+    (grad,) = torch.autograd.grad(got.square().sum(), leaf)
+    assert torch.allclose(grad, expected_grad, atol=1e-5)
+    # the last layer's FFN, output and query projections of the other rows are gone
+    saved = full.get_total_flops() - pruned.get_total_flops()
+    rows = leaf.shape[0] * (leaf.shape[1] - length)
+    ffn = 2 * rows * 2 * WIDTH * hf.config.intermediate_size
+    assert saved >= ffn, (saved, ffn)
+
+
+def test_output_length_keeps_torch_dropout_draws_in_training():
+    """With torch masks the whole last layer still runs in training: the draws stay transformers'."""
+    hf, fast = pair()
+    hf.train()
+    fast.train()
+    kwargs = passes(*inputs())["itm"]
+    torch.manual_seed(3)
+    expected = hf(**kwargs).last_hidden_state[:, :QUERIES]
+    torch.manual_seed(3)
+    got = fast(**kwargs, output_length=QUERIES).last_hidden_state
+    assert torch.allclose(got, expected, atol=1e-5)
+    fast.set_dropout_masks("packed")  # packed: the rows are pruned, the output still [B, Q, H]
+    assert fast(**kwargs, output_length=QUERIES).last_hidden_state.shape == expected.shape

@@ -13,7 +13,9 @@ register_configs()
 
 # First three training losses of the seeded tiny run below (CPU, fp32). A change of numerics,
 # data order or initialisation moves them; update only for a deliberate change.
-PINNED_LOSSES = [7.812414646148682, 7.821922302246094, 7.859048843383789]
+# (Re-pinned when the last Q-Former layer began computing only the rows ITM and ITC read: fewer
+# packed dropout draws, so the draws after them moved.)
+PINNED_LOSSES = [7.811856269836426, 7.865835189819336, 7.927134990692139]
 # The same run with torch's dropout draws and the for-loop AdamW (qformer.dropout_masks=torch
 # optim.implementation=for_loop): LAVIS's draws; these were the pins before packed masks (issue 7).
 PINNED_LOSSES_TORCH_MASKS = [7.856927394866943, 7.865482330322266, 7.775520324707031]

@@ -93,19 +93,24 @@ class MultiHeadAttention(nn.Module):
         return self.heads(self.key(states)), self.heads(self.value(states))
 
     def forward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor],
-                kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None, chunks: Optional[Chunks] = None) -> torch.Tensor:
+                kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None, chunks: Optional[Chunks] = None,
+                rows: Optional[int] = None) -> torch.Tensor:
         """hidden [B, L, H] attends to itself, or to ``kv`` (cross-attention) -> [B, L, H].
 
         ``chunks`` (cross-attention only): the rows come in ``len(chunks)`` equal chunks, each
-        naming its images in ``kv`` (see :data:`Chunks`).
+        naming its images in ``kv`` (see :data:`Chunks`). ``rows``: only the first ``rows``
+        positions ask (all positions are still keys/values) -> [B, rows, H].
         """
         key, value = kv if kv is not None else self.key_value(hidden)
-        query = self.heads(self.query(hidden))  # [B, h, L, d]
+        asking = hidden if rows is None else hidden[:, :rows]
+        if rows is not None and mask is not None and mask.shape[-2] > 1:
+            mask = mask[..., :rows, :]
+        query = self.heads(self.query(asking))  # [B, h, L, d]
         if chunks is None:
             out = self.attend(query, key, value, mask)
         else:
             out = self.attend_chunks(query, key, value, chunks)
-        return out.transpose(1, 2).reshape(*hidden.shape[:-1], -1)  # [B, L, H]
+        return out.transpose(1, 2).reshape(*asking.shape[:-1], -1)  # [B, L, H]
 
     def attend(self, query, key, value, mask, keep=None) -> torch.Tensor:
         """softmax(q k^T * scale + mask) (dropout) v: [B, h, L, d].
@@ -208,8 +213,9 @@ class Attention(nn.Module):
         self.attention = MultiHeadAttention(config, is_cross_attention)
         self.output = DenseResidual(config.hidden_size, config)
 
-    def forward(self, hidden, mask=None, kv=None, chunks=None):
-        return self.output(self.attention(hidden, mask, kv, chunks), hidden)
+    def forward(self, hidden, mask=None, kv=None, chunks=None, rows=None):
+        residual = hidden if rows is None else hidden[:, :rows]
+        return self.output(self.attention(hidden, mask, kv, chunks, rows), residual)
 
 
 class QFormerLayer(nn.Module):
@@ -235,8 +241,11 @@ class QFormerLayer(nn.Module):
         return self.crossattention.attention.key_value(image_embeds)
 
     def forward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor], query_length: int,
-                kv: Optional[tuple[torch.Tensor, torch.Tensor]], chunks: Optional[Chunks] = None) -> torch.Tensor:
-        attended = self.attention(hidden, mask)  # [B, L, H]
+                kv: Optional[tuple[torch.Tensor, torch.Tensor]], chunks: Optional[Chunks] = None,
+                rows: Optional[int] = None) -> torch.Tensor:
+        """``rows``: only the first ``rows`` positions' outputs are computed (the others still serve
+        as keys/values of the self-attention) -> [B, rows, H]."""
+        attended = self.attention(hidden, mask, rows=rows)  # [B, L or rows, H]
         if query_length == 0:
             return self.output(self.intermediate(attended), attended)
         text = None
@@ -278,6 +287,7 @@ class FastQFormerModel(nn.Module):
     def set_dropout_masks(self, kind: str) -> None:
         if kind not in DROPOUT_MASKS:
             raise ValueError(f"qformer.dropout_masks={kind!r} is not valid; choose one of {', '.join(DROPOUT_MASKS)}")
+        self.dropout_masks = kind
         for module in self.modules():
             if isinstance(module, (Dropout, MultiHeadAttention)):
                 module.masks = kind
@@ -309,7 +319,8 @@ class FastQFormerModel(nn.Module):
                 attention_mask: Optional[torch.Tensor] = None,
                 encoder_hidden_states: Optional[torch.Tensor] = None,
                 cross_kv: Optional[CrossKV] = None,
-                image_index: Optional[torch.Tensor | Chunks] = None) -> QFormerOutput:
+                image_index: Optional[torch.Tensor | Chunks] = None,
+                output_length: Optional[int] = None) -> QFormerOutput:
         """[queries; text] embeddings [B, L, H] -> [B, L, H].
 
         The first ``query_length`` positions are queries (they cross-attend). ``attention_mask``:
@@ -317,6 +328,12 @@ class FastQFormerModel(nn.Module):
         The image comes as ``encoder_hidden_states`` [B', N, W] or as precomputed ``cross_kv``
         (batch B'); ``image_index`` picks the image of each row, default row b <- b: a LongTensor
         [B] (K/V gathered per row) or :data:`Chunks` (K/V shared by whole chunks, no copies).
+
+        ``output_length``: only the first n positions of the output are wanted -> [B, n, H]. The
+        last layer then computes only their outputs (ITM reads the queries, ITC the text's [CLS]:
+        the other positions' last FFN, output projection and query projection, 2.5% of the FLOPs
+        of a B=16 stage-1 step, were computed for nothing). With ``dropout_masks="torch"`` in
+        training the whole last layer still runs, so that the dropout draws stay transformers'/LAVIS's.
         """
         query_length = query_embeds.shape[1] if query_length is None else query_length
         dtype = self.layernorm.weight.dtype
@@ -326,15 +343,24 @@ class FastQFormerModel(nn.Module):
         if query_length > 0 and cross_kv is None and encoder_hidden_states is not None:
             cross_kv = self.cross_attention_kv(encoder_hidden_states)
         kv_iter = iter(cross_kv or [])
-        for layer in self.encoder.layer:
+        rows = None
+        if (output_length is not None and output_length < hidden.shape[1]
+                and not (self.training and self.dropout_masks == "torch")):
+            rows = output_length
+        last = len(self.encoder.layer) - 1
+        for index, layer in enumerate(self.encoder.layer):
             kv = next(kv_iter, None) if layer.has_cross_attention and query_length > 0 else None
             chunks = None
             if kv is not None and isinstance(image_index, torch.Tensor):
                 kv = (kv[0][image_index], kv[1][image_index])  # [B, h, N, d]
             elif kv is not None and image_index is not None:
                 chunks = image_index
+            layer_rows = rows if index == last else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                hidden = checkpoint(layer, hidden, attention_mask, query_length, kv, chunks, use_reentrant=False)
+                hidden = checkpoint(layer, hidden, attention_mask, query_length, kv, chunks, layer_rows,
+                                    use_reentrant=False)
             else:
-                hidden = layer(hidden, attention_mask, query_length, kv, chunks)
+                hidden = layer(hidden, attention_mask, query_length, kv, chunks, layer_rows)
+        if output_length is not None:
+            hidden = hidden[:, :output_length]
         return QFormerOutput(hidden)

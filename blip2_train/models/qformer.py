@@ -153,14 +153,18 @@ class QFormer(nn.Module):
             return self.qformer.cross_attention_kv(image_embeds)
         return None
 
-    def _encode(self, embeds, query_length, mask=None, image_embeds=None, cross_kv=None, image_index=None):
+    def _encode(self, embeds, query_length, mask=None, image_embeds=None, cross_kv=None, image_index=None,
+                output_length=None):
+        """``output_length``: only the first n positions are wanted ([B, n, H]); the fast module
+        then skips the others' last-layer outputs."""
         if isinstance(self.qformer, FastQFormerModel):
             return self.qformer(embeds, query_length, mask, image_embeds, cross_kv=cross_kv,
-                                image_index=image_index).last_hidden_state
+                                image_index=image_index, output_length=output_length).last_hidden_state
         if image_index is not None:
             image_embeds = image_embeds[image_index]
-        return self.qformer(query_embeds=embeds, query_length=query_length, attention_mask=mask,
-                            encoder_hidden_states=image_embeds).last_hidden_state
+        hidden = self.qformer(query_embeds=embeds, query_length=query_length, attention_mask=mask,
+                              encoder_hidden_states=image_embeds).last_hidden_state
+        return hidden if output_length is None else hidden[:, :output_length]
     # ---- end of K/V reuse
 
     def query_forward(self, image_embeds: torch.Tensor, cross_kv: CrossKV | None = None) -> torch.Tensor:
@@ -169,17 +173,21 @@ class QFormer(nn.Module):
         queries = self.query_tokens.expand(batch, -1, -1)
         return self._encode(queries, queries.shape[1], image_embeds=image_embeds, cross_kv=cross_kv)
 
-    def text_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Text alone, bidirectional over its valid tokens: [B, T, H]."""
+    def text_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     output_length: int | None = None) -> torch.Tensor:
+        """Text alone, bidirectional over its valid tokens: [B, T, H] (``output_length=1``: the
+        [CLS] output alone, [B, 1, H], what ITC reads)."""
         embeds = self.embeddings(input_ids=input_ids)
-        return self._encode(embeds, 0, attention_mask.bool()[:, None, None, :])
+        return self._encode(embeds, 0, attention_mask.bool()[:, None, None, :], output_length=output_length)
 
     def joint_forward(self, image_embeds: torch.Tensor | None, input_ids: torch.Tensor, mask: torch.Tensor,
-                      cross_kv: CrossKV | None = None, image_index: torch.Tensor | list | None = None) -> torch.Tensor:
-        """[queries; text] under a prepared boolean 4-D mask: [B, Q+T, H]."""
+                      cross_kv: CrossKV | None = None, image_index: torch.Tensor | list | None = None,
+                      output_length: int | None = None) -> torch.Tensor:
+        """[queries; text] under a prepared boolean 4-D mask: [B, Q+T, H] (or the first
+        ``output_length`` positions)."""
         queries = self.query_tokens.expand(input_ids.shape[0], -1, -1)
         embeds = self.embeddings(input_ids=input_ids, query_embeds=queries)
-        return self._encode(embeds, queries.shape[1], mask, image_embeds, cross_kv, image_index)
+        return self._encode(embeds, queries.shape[1], mask, image_embeds, cross_kv, image_index, output_length)
 
     def image_features(self, query_output: torch.Tensor) -> torch.Tensor:
         """[B, Q, H] -> L2-normalised [B, Q, D]."""
@@ -193,8 +201,8 @@ class QFormer(nn.Module):
                    cross_kv: CrossKV | None = None, image_index: torch.Tensor | list | None = None) -> torch.Tensor:
         """ITM logits averaged over the query outputs: [B, 2]."""
         hidden = self.joint_forward(image_embeds, input_ids, itm_mask(attention_mask, self.num_query_tokens),
-                                    cross_kv, image_index)
-        return self.itm_head(hidden[:, : self.num_query_tokens]).mean(dim=1)
+                                    cross_kv, image_index, output_length=self.num_query_tokens)
+        return self.itm_head(hidden).mean(dim=1)
 
     # ------------------------------------------------------------------------------ BERT init
     def load_bert(self, bert_name_or_path: str) -> dict:
