@@ -357,6 +357,8 @@ def main(argv=None) -> dict:
         return {}
 
     impls = args.impl.split(",")
+    if impls[0] == "lavis":
+        parser.error("--impl: lavis is the peer, timed beside ours; list it after fast or hf (e.g. fast,lavis)")
     batches = [int(b) for b in args.batch_sizes.split(",")]
     token_counts = [int(t) for t in args.image_tokens.split(",")]
     base = {"steps": args.steps, "quick": args.quick, "checkpointing": args.checkpointing,

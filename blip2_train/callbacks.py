@@ -68,6 +68,16 @@ class AtomicLastCheckpoint(Callback):
             if self._requeue and job and trainer.is_global_zero:
                 subprocess.run(["scontrol", "requeue", job], check=False)
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """A SIGTERM that lands in validation or at an epoch's end: Lightning raises there
+        (``SIGTERMException``) instead of finishing the step, so ``on_train_batch_end`` never sees it."""
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, SIGTERMException):
+            if trainer.global_step != self._saved_step:
+                self.save(trainer)
+            log.info("stopping at step %d after a signal; last.ckpt is up to date", trainer.global_step)
+
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.global_step != self._saved_step:
             self.save(trainer)
