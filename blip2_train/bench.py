@@ -33,7 +33,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
@@ -125,25 +124,31 @@ def _optimizer(module: nn.Module):
     return build_optimizer(module, OptimConfig(), max_steps=1000)["optimizer"]
 
 
+def stage1_inputs(spec: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The seeded batch every stage-1 implementation is timed on: text ids [B, 32] ([CLS] first, no
+    padding) and image tokens [B, N, W]."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(spec["vocab"] // 30, spec["vocab"] - 1, (spec["batch"], TEXT_LEN), generator=g)
+    ids[:, 0] = 101  # [CLS]
+    return ids, torch.randn(spec["batch"], spec["tokens"], spec["width"], generator=g)
+
+
 def stage1_step(spec: dict, device):
     """A closure running one stage-1 training step (phases timed into ``spec['phases']``)."""
+    ids, image = stage1_inputs(spec)
     if spec["impl"] == "lavis":  # LAVIS's own code, the peer (blip2_train/peer_lavis.py)
         from blip2_train import peer_lavis
 
         sizes = {k: QUICK_QFORMER[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                "intermediate_size", "num_query_tokens")} if spec["quick"] else {}
-        model, samples = peer_lavis.build(spec, sizes, TEXT_LEN)
-        model = model.to(device)
-        samples = {"image": samples["image"].to(device), "text_input": samples["text_input"]}
+        model = peer_lavis.build(spec, sizes, ids).to(device)
+        samples = {"image": image.to(device), "text_input": [""] * spec["batch"]}  # the ids come from its tokenizer
         return _train_step(lambda: model(samples)["loss"], model, _optimizer(model), spec, device)
     model = _qformer(spec, query_only=False).to(device).train()
     runner = _Stage1(model, OmegaConf.structured(StageConfig()), dec_token_id=spec["vocab"] - 1)
     optimizer = _optimizer(model)
-    b, g = spec["batch"], torch.Generator().manual_seed(0)
-    ids = torch.randint(spec["vocab"] // 30, spec["vocab"] - 1, (b, TEXT_LEN), generator=g)
-    ids[:, 0] = 101  # [CLS]
-    batch = {"image": torch.randn(b, spec["tokens"], spec["width"], generator=g),
-             "input_ids": ids, "attention_mask": torch.ones(b, TEXT_LEN, dtype=torch.long),
+    b = spec["batch"]
+    batch = {"image": image, "input_ids": ids, "attention_mask": torch.ones(b, TEXT_LEN, dtype=torch.long),
              "image_id": torch.arange(b)}
     batch = {k: v.to(device) for k, v in batch.items()}
     return _train_step(lambda: runner.stage1_losses(batch)["loss"], model, optimizer, spec, device)

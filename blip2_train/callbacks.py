@@ -59,14 +59,19 @@ class AtomicLastCheckpoint(Callback):
         step = trainer.global_step
         stopping = self._requeue or getattr(trainer, "received_sigterm", False)
         periodic = self.every_n_steps and step % self.every_n_steps == 0
-        if (periodic or stopping) and step != self._saved_step:
-            self.save(trainer)
         if stopping:
-            log.info("stopping at step %d after a signal; last.ckpt is up to date", step)
+            self._save_for_stop(trainer)
             trainer.should_stop = True
             job = os.environ.get("SLURM_JOB_ID")
             if self._requeue and job and trainer.is_global_zero:
                 subprocess.run(["scontrol", "requeue", job], check=False)
+        elif periodic and step != self._saved_step:
+            self.save(trainer)
+
+    def _save_for_stop(self, trainer) -> None:
+        if trainer.global_step != self._saved_step:
+            self.save(trainer)
+        log.info("stopping at step %d after a signal; last.ckpt is up to date", trainer.global_step)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         """A SIGTERM that lands in validation or at an epoch's end: Lightning raises there
@@ -74,9 +79,7 @@ class AtomicLastCheckpoint(Callback):
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
         if isinstance(exception, SIGTERMException):
-            if trainer.global_step != self._saved_step:
-                self.save(trainer)
-            log.info("stopping at step %d after a signal; last.ckpt is up to date", trainer.global_step)
+            self._save_for_stop(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.global_step != self._saved_step:

@@ -139,9 +139,9 @@ class _Tokenizer:
         return _Tokens(self.ids)
 
 
-def build(spec: dict, sizes: dict, text_len: int):
+def build(spec: dict, sizes: dict, ids: torch.Tensor):
     """LAVIS's ``Blip2Qformer`` (its ``__init__`` loads a ViT and BERT weights: assembled here as
-    it assembles itself, with random BERT weights) and the batch of one step."""
+    it assembles itself, with random BERT weights), its tokenizer returning ``ids`` [B, T]."""
     Blip2Qformer, BertLMHeadModel, BertConfig = import_lavis()
     config = BertConfig(vocab_size=spec["vocab"], **sizes)  # bert-base-uncased + [DEC]
     config.encoder_width, config.add_cross_attention = spec["width"], True
@@ -164,10 +164,6 @@ def build(spec: dict, sizes: dict, text_len: int):
     model.text_proj = nn.Linear(config.hidden_size, 256)
     model.itm_head = nn.Linear(config.hidden_size, 2)
     model.temp = nn.Parameter(0.07 * torch.ones([]))
-    model.max_txt_len = text_len
-    b, g = spec["batch"], torch.Generator().manual_seed(0)
-    ids = torch.randint(spec["vocab"] // 30, spec["vocab"] - 1, (b, text_len), generator=g)
-    ids[:, 0] = 101  # [CLS]
-    model.tokenizer = _Tokenizer(ids, bos_token_id=spec["vocab"] - 1)
-    samples = {"image": torch.randn(b, spec["tokens"], spec["width"], generator=g), "text_input": [""] * b}
-    return model.train(), samples
+    model.max_txt_len = ids.shape[1]
+    model.tokenizer = _Tokenizer(ids, bos_token_id=spec["vocab"] - 1)  # [DEC] = our dec_token_id
+    return model.train()
