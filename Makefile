@@ -33,7 +33,11 @@ lint: $(STAMP) ## ruff
 bench: $(STAMP) ## benchmark the training step and the loader; writes bench.json
 	$(PY) -m blip2_train.bench
 
+bench-gpu: $(STAMP) ## on a GPU: stage 1 from images through the frozen EVA ViT-g (MFU), ours and LAVIS's; writes bench_gpu.json
+	$(PY) -m blip2_train.bench --encoder eva --impl fast,lavis --batch-sizes 128,64,256 --sweep-steps 5 \
+		--no-stage2 --no-loader --output bench_gpu.json $(ARGS)
+
 clean: ## remove run outputs and caches (keeps .venv)
 	rm -rf runs outputs multirun .pytest_cache .ruff_cache
 
-.PHONY: help install demo test test-all lint bench clean
+.PHONY: help install demo test test-all lint bench bench-gpu clean

@@ -2,6 +2,7 @@
 
     python -m blip2_train.bench [--steps 10] [--impl fast,hf] [--batch-sizes 16] [--image-tokens 257]
                                 [--sweep-steps N] [--quick] [--checkpointing] [--compile] [--no-loader]
+                                [--encoder eva] [--dropout-masks packed|torch]
 
 Stage 1 at LAVIS's Q-Former size (BERT-base Q-Former, random init, vocabulary 30523, 32 queries,
 cross-attention every 2nd layer, image tokens [B, 257, 1408] fed directly so the frozen ViT is
@@ -19,12 +20,21 @@ transformers' module. More than one batch size or image-token count adds a ``swe
 first impl at every size (``--sweep-steps`` timed steps), the others at the first size only.
 Writes bench.json in the current directory and prints a table. ``--quick``: tiny sizes, in
 process (for tests).
+
+``--encoder eva`` (the GPU figure of issue 7): the stage-1 step starts from images [B, 3, 224, 224]
+(364 px for 677 tokens) through the frozen EVA ViT-g of ``encoder=eva`` (open_clip EVA01-g-14, 39
+blocks, random weights built on the device, bf16 on GPU / fp32 on CPU; ``--quick``: the tiny EVA).
+The LAVIS row then gets the same frozen encoder, so the two differ in the Q-Former step only.
+On a GPU ``stage1_mfu`` = FLOP/s over the datasheet dense bf16 peak of the card
+(``device_peak_flops_per_s``; ``--peak-flops`` for cards not in ``PEAK_BF16``), and the reference
+matmuls include a large square product (the card's practical peak) and the ViT's MLP shape.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -44,6 +54,10 @@ from blip2_train.stage1 import Stage1Module
 from blip2_train.stage2 import Stage2Module
 
 VOCAB, TEXT_LEN, LLM_TEXT_LEN = 30523, 32, 32
+# Datasheet dense bf16 tensor FLOP/s (no sparsity), matched in order against the device name.
+PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.4e12), ("H200", 989.4e12),
+             ("GH200", 989.4e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("A10G", 70e12),
+             ("L4", 121e12))
 QUICK_QFORMER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                      num_query_tokens=8, embed_dim=32)
 
@@ -112,7 +126,8 @@ def _qformer(spec: dict, query_only: bool):
 
     sizes = QUICK_QFORMER if spec["quick"] else {}
     cfg = OmegaConf.structured(QFormerConfig(bert=None, impl=spec["impl"],
-                                             gradient_checkpointing=spec["checkpointing"], **sizes))
+                                             gradient_checkpointing=spec["checkpointing"],
+                                             dropout_masks=spec.get("dropout_masks", "packed"), **sizes))
     torch.manual_seed(0)
     return QFormer(cfg, vision_width=spec["width"], vocab_size=0 if query_only else spec["vocab"],
                    query_only=query_only)
@@ -126,11 +141,40 @@ def _optimizer(module: nn.Module):
 
 def stage1_inputs(spec: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The seeded batch every stage-1 implementation is timed on: text ids [B, 32] ([CLS] first, no
-    padding) and image tokens [B, N, W]."""
+    padding) and image tokens [B, N, W] (with ``spec['encoder']``: images [B, 3, S, S])."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(spec["vocab"] // 30, spec["vocab"] - 1, (spec["batch"], TEXT_LEN), generator=g)
     ids[:, 0] = 101  # [CLS]
+    if spec.get("encoder"):
+        size = encoder_config(spec).image_size
+        return ids, torch.randn(spec["batch"], 3, size, size, generator=g)
     return ids, torch.randn(spec["batch"], spec["tokens"], spec["width"], generator=g)
+
+
+def encoder_config(spec: dict):
+    """``spec['encoder']`` (eva) as an EncoderConfig at ``spec['tokens']`` image tokens, random weights."""
+    from blip2_train.config import EncoderConfig
+
+    if spec["encoder"] != "eva":
+        raise ValueError(f"--encoder {spec['encoder']!r}: choose eva")
+    name, patch = ("blip2-tiny-eva", 8) if spec["quick"] else ("EVA01-g-14", 14)
+    grid = math.isqrt(spec["tokens"] - 1)
+    if grid * grid + 1 != spec["tokens"]:
+        raise ValueError(f"--image-tokens {spec['tokens']}: with an encoder, 1 + a square number (257, 677)")
+    precision = "bf16" if torch.cuda.is_available() else "fp32"
+    return EncoderConfig(name="tiny_eva" if spec["quick"] else "eva", model_name=name, pretrained=None,
+                         image_size=grid * patch, drop_last_blocks=1, precision=precision, freeze=True)
+
+
+def _encoder(spec: dict, device) -> nn.Module:
+    from blip2_train.models.encoders import build_image_encoder
+
+    torch.manual_seed(0)
+    encoder = build_image_encoder(encoder_config(spec), device)
+    if encoder.width != spec["width"] or encoder.num_tokens != spec["tokens"]:
+        raise ValueError(f"encoder gives [{encoder.num_tokens}, {encoder.width}] tokens, the bench expects "
+                         f"[{spec['tokens']}, {spec['width']}]")
+    return encoder
 
 
 def stage1_step(spec: dict, device):
@@ -142,16 +186,22 @@ def stage1_step(spec: dict, device):
         sizes = {k: QUICK_QFORMER[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                "intermediate_size", "num_query_tokens")} if spec["quick"] else {}
         model = peer_lavis.build(spec, sizes, ids).to(device)
+        if spec.get("encoder"):  # the same frozen ViT as ours: the rows differ in the Q-Former step only
+            model.visual_encoder = _encoder(spec, device)
         samples = {"image": image.to(device), "text_input": [""] * spec["batch"]}  # the ids come from its tokenizer
-        return _train_step(lambda: model(samples)["loss"], model, _optimizer(model), spec, device)
+        return _train_step(lambda: model(samples)["loss"], model, _optimizer(model), spec, device,
+                           compiled=model.Qformer.bert)
     model = _qformer(spec, query_only=False).to(device).train()
     runner = _Stage1(model, OmegaConf.structured(StageConfig()), dec_token_id=spec["vocab"] - 1)
+    if spec.get("encoder"):
+        runner.encoder = _encoder(spec, device)
     optimizer = _optimizer(model)
     b = spec["batch"]
     batch = {"image": image, "input_ids": ids, "attention_mask": torch.ones(b, TEXT_LEN, dtype=torch.long),
              "image_id": torch.arange(b)}
     batch = {k: v.to(device) for k, v in batch.items()}
-    return _train_step(lambda: runner.stage1_losses(batch)["loss"], model, optimizer, spec, device)
+    return _train_step(lambda: runner.stage1_losses(batch)["loss"], model, optimizer, spec, device,
+                       compiled=model.qformer)
 
 
 def stage2_step(spec: dict, device):
@@ -176,12 +226,12 @@ def stage2_step(spec: dict, device):
              "image": torch.randn(b, spec["tokens"], spec["width"], generator=g)}
     batch = {k: v.to(device) for k, v in batch.items()}
     return _train_step(lambda: runner.lm_loss(runner.visual_prompts(batch["image"]), batch),
-                       trainable, optimizer, spec, device)
+                       trainable, optimizer, spec, device, compiled=model.qformer)
 
 
-def _train_step(loss_fn, module, optimizer, spec, device):
-    if spec["compile"]:
-        loss_fn = torch.compile(loss_fn)
+def _train_step(loss_fn, module, optimizer, spec, device, compiled: nn.Module):
+    """``step()`` runs one training step; ``step.compile()`` turns on torch.compile for ``compiled``
+    (the Q-Former encoder, as ``trainer.compile=true`` does in training)."""
     phases = spec.setdefault("phases", {"forward_ms": [], "backward_ms": [], "optimizer_ms": []})
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -199,6 +249,7 @@ def _train_step(loss_fn, module, optimizer, spec, device):
 
         phases["optimizer_ms"].append(_timed(update, device))
 
+    step.compile = lambda: compiled.compile(dynamic=True)  # in place, as blip2_train/base.py does
     return step
 
 
@@ -210,15 +261,22 @@ def measure(spec: dict) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     step = (stage1_step if spec["kind"] == "stage1" else stage2_step)(spec, device)
-    if spec["compile"]:
-        step()  # compilation happens here, not under the FLOP counter
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter:  # eager: the model's FLOPs, compiled or not
         step()
     flops = counter.get_total_flops()
+    compile_s = None
+    if spec["compile"]:
+        step.compile()
+        compile_s = _timed(step, device) / 1000  # the step that compiles (and its recompiles)
+        step()
     for values in spec["phases"].values():  # keep the timed steps' phases only
         values.clear()
     h, b, n = (64, spec["batch"], spec["tokens"]) if spec["quick"] else (768, spec["batch"], spec["tokens"])
     shapes = [(3 * b * 64, h, 4 * h), (b * n, spec["width"], h), (3 * b * 64, h, h)]
+    if spec.get("encoder"):  # the ViT's MLP
+        shapes.append((b * n, spec["width"], 4 * spec["width"] if spec["quick"] else 6144))
+    if device.type == "cuda":  # the card's practical peak
+        shapes.append((8192, 8192, 8192))
     # The reference matmuls are timed between the steps (3 of each shape before every step, and
     # after the last), so they see the machine as the steps do: a shared VM's clock drifts by 10-20%
     # over minutes. Per shape the median of all of them; the peak is the best shape's.
@@ -239,6 +297,7 @@ def measure(spec: dict) -> dict:
     rss = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return {"step_ms": ms, "samples_per_s": spec["batch"] / (ms / 1000), "flops_per_step": flops,
+            "compile_warmup_s": compile_s,
             "utilization": flops / (ms / 1000) / peak, "peak_rss_mb": rss, "matmul_flops_per_s": peak,
             "matmul_shapes_flops_per_s": {k: r[0] for k, r in rates.items()}, "step_ms_all": list(times),
             "cpu_step_ms": cpu_ms, "cpu_utilization": flops / (cpu_ms / 1000) / cpu_peak,
@@ -327,12 +386,15 @@ def _table(result: dict) -> str:
         elif isinstance(value, int) and not isinstance(value, bool):
             rows.append(f"{key:34s} {value:,}")
     if result.get("sweep"):
-        rows += ["", "| impl | batch | image tokens | step (ms) | ms / sample | CPU ms / thread | samples/s | "
-                 "TFLOP/step | utilization | peak RSS (MB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+        gpu = result.get("device_peak_flops_per_s") is not None
+        header = ("| impl | batch | image tokens | step (ms) | ms / sample | CPU ms / thread | samples/s | "
+                  f"TFLOP/step | utilization |{' MFU |' if gpu else ''} peak {'GPU memory' if gpu else 'RSS'} (MB) |")
+        rows += ["", header, "|---" * header.count(" |") + "|"]
         rows += [f"| {r['impl']}{' (checkpointing)' if r.get('checkpointing') else ''} | {r['batch']} | "
-                 f"{r['tokens']} | {r['step_ms']:,.0f} | {r['step_ms'] / r['batch']:,.0f} | {r['cpu_step_ms']:,.0f} | "
-                 f"{r['samples_per_s']:.3g} | {r['flops_per_step'] / 1e12:.3g} | {r['utilization']:.2f} | "
-                 f"{r['peak_rss_mb']:,.0f} |" for r in result["sweep"] if "error" not in r]
+                 f"{r['tokens']} | {r['step_ms']:,.1f} | {r['step_ms'] / r['batch']:,.2f} | {r['cpu_step_ms']:,.0f} | "
+                 f"{r['samples_per_s']:.4g} | {r['flops_per_step'] / 1e12:.3g} | {r['utilization']:.2f} | "
+                 + (f"{r['mfu']:.3f} | " if gpu else "") + f"{r['peak_rss_mb']:,.0f} |"
+                 for r in result["sweep"] if "error" not in r]
         rows += [f"| {r['impl']} | {r['batch']} | {r['tokens']} | failed: {r['error']} |"
                  for r in result["sweep"] if "error" in r]
     return "\n".join(rows)
@@ -351,7 +413,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--checkpointing", action="store_true", help="qformer.gradient_checkpointing=true")
     parser.add_argument("--checkpointing-from", type=int, help="qformer.gradient_checkpointing=true from this "
                         "batch size up (sweep rows whose activations would not fit in memory)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the loss computation")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the Q-Former encoder as "
+                        "trainer.compile=true does (after the FLOP-counting step; compile_warmup_s: the step "
+                        "that compiles)")
+    parser.add_argument("--encoder", choices=["eva"], help="stage 1 from images through the frozen EVA ViT-g "
+                        "(random weights; the GPU figure), not from image tokens")
+    parser.add_argument("--dropout-masks", default="packed", choices=["packed", "torch"],
+                        help="qformer.dropout_masks of impl=fast")
+    parser.add_argument("--peak-flops", type=float, help="the card's dense bf16 FLOP/s for stage1_mfu "
+                        "(default: PEAK_BF16 by device name)")
     parser.add_argument("--no-stage2", action="store_true")
     parser.add_argument("--no-loader", action="store_true", help="skip loader_images_per_s")
     parser.add_argument("--output", default="bench.json")
@@ -367,12 +437,21 @@ def main(argv=None) -> dict:
     batches = [int(b) for b in args.batch_sizes.split(",")]
     token_counts = [int(t) for t in args.image_tokens.split(",")]
     base = {"steps": args.steps, "quick": args.quick, "checkpointing": args.checkpointing,
-            "compile": args.compile, "width": 64 if args.quick else 1408, "vocab": 512 if args.quick else VOCAB}
+            "compile": args.compile, "width": 64 if args.quick else 1408, "vocab": 512 if args.quick else VOCAB,
+            "encoder": args.encoder, "dropout_masks": args.dropout_masks}
+    quick_tokens = 65 if args.encoder else 17  # the tiny EVA at 64 px, or a short image-token sequence
     cuda = torch.cuda.is_available()
-    result = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+    device_name = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
+    peak = args.peak_flops or (next((f for name, f in PEAK_BF16 if name in device_name), None) if cuda else None)
+    result = {"device": device_name, "device_peak_flops_per_s": peak,
               "threads": torch.get_num_threads(), "dtype": "bf16 autocast" if cuda else "float32",
               "torch": torch.__version__, "stage1_impl": impls[0], "stage1_batch_size": batches[0],
+              "stage1_compile": args.compile, "stage1_dropout_masks": args.dropout_masks,
               "load_average_before": os.getloadavg()[0]}
+    if args.encoder:
+        cfg = encoder_config({**base, "tokens": quick_tokens if args.quick else token_counts[0]})
+        result["stage1_encoder"] = (f"{cfg.model_name} ({cfg.name}, {cfg.image_size} px, last block dropped, "
+                                    f"random weights, {cfg.precision}, frozen)")
     sweep = []
     for tokens in token_counts:
         for batch in batches:
@@ -382,7 +461,7 @@ def main(argv=None) -> dict:
             for impl in impls if main_config else impls[:1]:
                 steps = args.steps if main_config or args.sweep_steps is None else args.sweep_steps
                 spec = {**base, "steps": steps, "kind": "stage1", "impl": impl, "batch": batch,
-                        "tokens": 17 if args.quick else tokens}
+                        "tokens": quick_tokens if args.quick else tokens}
                 if args.checkpointing_from is not None and batch >= args.checkpointing_from and impl != "lavis":
                     spec["checkpointing"] = True
                 row = {"impl": impl, "batch": batch, "tokens": spec["tokens"], "checkpointing": spec["checkpointing"]}
@@ -416,11 +495,17 @@ def main(argv=None) -> dict:
                                      "text_len": TEXT_LEN, "queries": 8 if args.quick else 32,
                                      "qformer": "tiny" if args.quick else "bert-base (768 x 12 layers)",
                                      "cross_attention_frequency": 2, "vocab": base["vocab"]}})
-    keys = ("step_ms", "samples_per_s", "flops_per_step", "utilization", "peak_rss_mb",
+    if args.encoder:
+        size = encoder_config({**base, "tokens": first["tokens"]}).image_size
+        result["stage1_shapes"]["images"] = [batches[0], 3, size, size]
+    keys = ("step_ms", "samples_per_s", "flops_per_step", "utilization", "peak_rss_mb", "compile_warmup_s",
             "forward_ms", "backward_ms", "optimizer_ms", "cpu_step_ms", "cpu_utilization")
+    for row in sweep:
+        if peak and "error" not in row:  # model FLOPs utilization against the datasheet peak
+            row["mfu"] = row["flops_per_step"] / (row["step_ms"] / 1000) / peak
     for impl, row in main_rows.items():
         prefix = "stage1" if impl == impls[0] else f"stage1_{impl}"
-        result.update({f"{prefix}_{k}": row[k] for k in keys})
+        result.update({f"{prefix}_{k}": row[k] for k in keys + (("mfu",) if peak else ())})
     for impl, row in main_rows.items():
         if impl != impls[0]:  # samples/s of the first impl over this one's, as measured ...
             result[f"stage1_speedup_vs_{impl}"] = first["samples_per_s"] / row["samples_per_s"]
@@ -433,7 +518,7 @@ def main(argv=None) -> dict:
             result["stage1_lavis_note"] = row["error"]
     result["peak_rss_mb"] = first["peak_rss_mb"]
     if not args.no_stage2:
-        spec = {**base, "kind": "stage2", "impl": impls[0], "batch": batches[0],
+        spec = {**base, "kind": "stage2", "impl": impls[0], "batch": batches[0], "encoder": None,
                 "tokens": 17 if args.quick else token_counts[0]}
         row = run_isolated(spec, args.quick)
         result.update({f"stage2_{k}": row[k] for k in keys})
@@ -449,7 +534,7 @@ def main(argv=None) -> dict:
     result["load_average_after"] = os.getloadavg()[0]  # other work on the machine skews every figure
     if len(sweep) > len(impls):
         result["sweep"] = [{k: r[k] for k in ("impl", "batch", "tokens", "checkpointing", "step_ms", "samples_per_s",
-                                              "flops_per_step", "utilization", "peak_rss_mb", "cpu_step_ms",
+                                              "flops_per_step", "utilization", "mfu", "peak_rss_mb", "cpu_step_ms",
                                               "matmul_flops_per_s", "error") if k in r} for r in sweep]
     with open(args.output, "w") as handle:
         json.dump(result, handle, indent=2)

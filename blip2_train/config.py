@@ -60,8 +60,9 @@ class QFormerConfig:
     # impl=fast, CPU tensors, eager mode: how dropout draws its masks. packed: four 16-bit draws
     # per random 64-bit word and a bool mask kept for backward (keep probability 1 - p to within
     # 2^-16; the dropout ops take 2.3x less time and 4x less memory); torch: torch's bernoulli
-    # draws, the masks transformers' module and LAVIS draw for the same seed. GPU: torch's fused
-    # dropout either way.
+    # draws, the masks transformers' module and LAVIS draw for the same seed. GPU: packed = the
+    # attention dropout inside SDPA's fused kernel (probabilities never stored), torch = softmax,
+    # F.dropout and matmul written out as transformers/LAVIS do; other dropout is torch's either way.
     dropout_masks: str = "packed"
 
 

@@ -124,7 +124,7 @@ class _Tokens:
         self.input_ids, self.attention_mask = ids, torch.ones_like(ids)
 
     def to(self, device):
-        return self
+        return _Tokens(self.input_ids.to(device))
 
 
 class _Tokenizer:

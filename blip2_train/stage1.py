@@ -76,7 +76,7 @@ class Stage1Module(Blip2Base):
         image_ids_all = gather_no_grad(image_ids)  # [N]
         sim_i2t, sim_t2i = itc_similarities(image_feats, text_feats_all, text_feats, image_feats_all)
         positives = positive_mask(image_ids, image_ids_all)  # [B, N]
-        temperature = model.current_temperature()
+        temperature = model.current_temperature(text_feats)
         loss_itc = itc_loss(sim_i2t, sim_t2i, temperature, positives, self.cfg.stage.label_smoothing)
 
         # ---- ITM with hard negatives sampled over the global batch
@@ -123,7 +123,7 @@ class Stage1Module(Blip2Base):
         batch_size = batch["image_id"].shape[0]
         for name, value in losses.items():
             self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch_size)
-        self.log("train/temp", self.model.current_temperature().detach(), batch_size=batch_size)
+        self.log("train/temp", self.model.current_temperature(losses["loss"]).detach(), batch_size=batch_size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
         self.check_skipped_fraction()
         return self.finite_or_skip(losses["loss"], batch)

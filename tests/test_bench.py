@@ -2,7 +2,11 @@
 
 import json
 
-from blip2_train.bench import main
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from blip2_train.bench import _encoder, encoder_config, main
 
 
 def test_bench_quick_writes_bench_json(tmp_path):
@@ -32,8 +36,6 @@ def test_bench_sweep_rows_and_per_row_checkpointing(tmp_path):
 def test_bench_times_lavis_own_step_beside_ours(tmp_path):
     """--impl fast,lavis: LAVIS's Blip2Qformer.forward (fetched with pip download, no dependencies) runs
     under the same harness; it recomputes the cross-attention K/V in every pass, so it does more FLOPs."""
-    import pytest
-
     from blip2_train.peer_lavis import LavisUnavailable, fetch_sources
 
     try:
@@ -53,3 +55,23 @@ def test_bench_times_lavis_own_step_beside_ours(tmp_path):
     expected = (result["stage1_lavis_flops_per_step"] / result["stage1_lavis_utilization"]) / (
         result["stage1_flops_per_step"] / result["stage1_utilization"])
     assert abs(normalized - expected) < 1e-9 * expected
+
+
+
+def test_bench_with_the_frozen_encoder_counts_its_flops_and_mfu(tmp_path):
+    """--encoder eva (the GPU figure): images go through the frozen EVA (tiny under --quick) inside the
+    step, its FLOPs are counted with the Q-Former's; MFU is FLOP/s over the given peak."""
+    result = main(["--quick", "--encoder", "eva", "--steps", "1", "--impl", "fast", "--no-stage2", "--no-loader",
+                   "--peak-flops", "1e12", "--output", str(tmp_path / "bench.json")])
+    assert result["stage1_shapes"]["images"] == [16, 3, 64, 64]
+    assert result["stage1_shapes"]["image_tokens"] == [16, 65, 64] and "blip2-tiny-eva" in result["stage1_encoder"]
+    with FlopCounterMode(display=False) as counter:
+        _encoder({"encoder": "eva", "quick": True, "tokens": 65, "width": 64}, "cpu")(torch.randn(16, 3, 64, 64))
+    vit = counter.get_total_flops()
+    qformer_only = main(["--quick", "--steps", "1", "--impl", "fast", "--no-stage2", "--no-loader",
+                         "--output", str(tmp_path / "tokens.json")])  # 17 image tokens: fewer than 65
+    assert vit > 0 and result["stage1_flops_per_step"] > vit + qformer_only["stage1_flops_per_step"]
+    mfu = result["stage1_flops_per_step"] / (result["stage1_step_ms"] / 1000) / 1e12
+    assert abs(result["stage1_mfu"] - mfu) < 1e-9 * mfu and "stage1_mfu" not in qformer_only  # no peak on a CPU
+    with pytest.raises(ValueError, match="square"):
+        encoder_config({"encoder": "eva", "quick": False, "tokens": 300})

@@ -362,3 +362,39 @@ def test_output_length_keeps_torch_dropout_draws_in_training():
     assert torch.allclose(got, expected, atol=1e-5)
     fast.set_dropout_masks("packed")  # packed: the rows are pruned, the output still [B, Q, H]
     assert fast(**kwargs, output_length=QUERIES).last_hidden_state.shape == expected.shape
+
+
+def test_gpu_attention_dropout_is_drawn_inside_sdpa(monkeypatch):
+    """On a GPU under packed masks, attention dropout is SDPA's own (``dropout_p``): no mask is drawn
+    by us and no [L, N] probabilities are stored. Forced here on the CPU (SDPA's fallback draws there)."""
+    import torch.nn.functional as F
+
+    from blip2_train.models import fast_qformer
+
+    monkeypatch.setattr(fast_qformer, "_fused", lambda masks, x: masks == "packed")
+    monkeypatch.setattr(MultiHeadAttention, "keep_mask", lambda *args: pytest.fail("a mask was drawn outside SDPA"))
+    _, fast = pair()
+    fast.set_dropout_masks("packed")
+    fast.train()
+    attention = fast.encoder.layer[0].attention.attention
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(3, 4, 6, 8, generator=g) for _ in range(3))
+    torch.manual_seed(4)
+    got = attention.attend(q, k, v, None)
+    torch.manual_seed(4)
+    assert torch.equal(got, F.scaled_dot_product_attention(q, k, v, dropout_p=attention.dropout, scale=8 ** -0.5))
+    plain = F.scaled_dot_product_attention(q, k, v, scale=8 ** -0.5)
+    assert (got - plain).abs().max() > 1e-2  # dropout acted
+    mean = torch.stack([attention.attend(q, k, v, None) for _ in range(2000)]).mean(0)
+    assert (mean - plain).abs().max() < 0.05 * plain.abs().max()  # unbiased: 1 / (1 - p) applied
+
+    # the whole model, ITM chunks over shared K/V included: trains without a mask drawn by us
+    image, queries, text, mask = inputs(batch=4)
+    index = torch.tensor([0, 1, 2, 3, 2, 0, 3, 1, 0, 1, 2, 3])
+    joint = torch.cat([queries, text], dim=1)[index % 4]
+    embeds = image.clone().requires_grad_(True)
+    out = fast(joint, QUERIES, itm_mask(mask[index % 4], QUERIES), cross_kv=fast.cross_attention_kv(embeds),
+               image_index=[0, torch.tensor([2, 0, 3, 1]), 0]).last_hidden_state
+    out.square().sum().backward()
+    assert out.shape == (12, QUERIES + TEXT, WIDTH) and torch.isfinite(embeds.grad).all()
+    assert embeds.grad.abs().sum() > 0

@@ -236,17 +236,16 @@ def _uses_quick_gelu(cfg) -> bool:
 
 
 def _create_visual(cfg, device: str) -> nn.Module:
-    """open_clip's image tower for ``cfg``; the text tower is built on the meta device and dropped."""
+    """open_clip's image tower for ``cfg`` (its text tower is built beside it and dropped): parameters on
+    the meta device when weights will be loaded, else initialised on ``device`` (its generator's seed)."""
     quick_gelu = _uses_quick_gelu(cfg)
     weights = None if device == "meta" else resolve_weights(cfg)
-    if device == "meta":
-        context = torch.device("meta")
-    elif weights:
+    if weights:
         context = _parameters_on_meta()
-    else:
-        context = contextlib.nullcontext()
+    else:  # meta, or random init right where the encoder runs (a 1B-parameter ViT: seconds on a GPU)
+        context = torch.device(device)
     # device=None: open_clip's final .to() must not try to copy meta parameters.
-    target = "meta" if device == "meta" else None if weights else "cpu"
+    target = None if weights else device
     root, drop = logging.getLogger(), _DropMessage()
     root.addFilter(drop)
     try:
@@ -429,7 +428,7 @@ def build_image_encoder(cfg, device: str | torch.device = "cpu") -> FrozenImageE
     (shapes, tests); any other device receives the built encoder."""
     _check(cfg)
     meta = str(device) == "meta"
-    visual = _create_visual(cfg, "meta" if meta else "cpu")
+    visual = _create_visual(cfg, str(device))
     encoder = FrozenImageEncoder(visual, cfg.image_size, cfg.drop_last_blocks, cfg.precision, cfg.freeze,
                                  bool(getattr(cfg, "gradient_checkpointing", False)))
     return encoder if meta or str(device) == "cpu" else encoder.to(device)

@@ -51,6 +51,12 @@ def _packed(masks: str, x: torch.Tensor) -> bool:
     return masks == "packed" and x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
+def _fused(masks: str, x: torch.Tensor) -> bool:
+    """Attention dropout inside SDPA's kernel (GPU, ``masks="packed"``): the probabilities are never
+    written out. On the CPU SDPA's math fallback would draw and apply a mask the slow way."""
+    return masks == "packed" and x.device.type != "cpu"
+
+
 class Dropout(nn.Dropout):
     """``nn.Dropout`` whose CPU masks can be drawn packed (``masks="packed"``, see :func:`packed_keep_mask`)."""
 
@@ -115,14 +121,17 @@ class MultiHeadAttention(nn.Module):
     def attend(self, query, key, value, mask, keep=None) -> torch.Tensor:
         """softmax(q k^T * scale + mask) (dropout) v: [B, h, L, d].
 
-        Without dropout: SDPA (its fused CPU/GPU kernels). With dropout, written out: SDPA's
-        math fallback would scale both q and k and copy k^T; here k^T stays a strided view and
-        the scale goes onto the [L, N] scores. ``keep``: a mask drawn by the caller in another
-        layout, bool (packed: the 1 / (1 - p) goes onto the [L, d] output) or float (kept / (1 - p)).
+        Without dropout, and with dropout on a GPU under ``masks="packed"``: SDPA (its fused
+        kernels; on the GPU they draw the dropout mask themselves, so the [L, N] probabilities are
+        never stored). Otherwise written out: SDPA's CPU math fallback would scale both q and k and
+        copy k^T; here k^T stays a strided view and the scale goes onto the [L, N] scores. ``keep``:
+        a mask drawn by the caller in another layout, bool (packed: the 1 / (1 - p) goes onto the
+        [L, d] output) or float (kept / (1 - p)).
         """
         p = self.dropout if self.training else 0.0
-        if p == 0.0 and keep is None:
-            return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=self.head_dim ** -0.5)
+        if keep is None and (p == 0.0 or _fused(self.masks, query)):
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=p,
+                                                  scale=self.head_dim ** -0.5)
         scores = torch.matmul(query, key.transpose(-1, -2)).mul_(self.head_dim ** -0.5)  # [B, h, L, N]
         if mask is not None:
             scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
@@ -158,7 +167,8 @@ class MultiHeadAttention(nn.Module):
         heads, length = query.shape[1], query.shape[2]
         keep = None
         p = self.dropout if self.training else 0.0
-        if p > 0.0:  # the draws dropout on [R, h, Q, N] probabilities would make, in that layout
+        if p > 0.0 and not _fused(self.masks, query):  # the draws dropout on [R, h, Q, N] probabilities
+            # would make, in that layout (on a GPU under packed masks SDPA draws them per product)
             keep = self.keep_mask((query.shape[0], heads, length, key.shape[2]), query).unflatten(0, (n, rows))
         outs: list[Optional[torch.Tensor]] = [None] * n
         groups: dict[int, list[int]] = {}

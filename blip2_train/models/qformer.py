@@ -133,8 +133,11 @@ class QFormer(nn.Module):
         temp = self.temp.squeeze(0)
         return temp if self.temp_clamp is None else temp.clamp(*self.temp_clamp)
 
-    def current_temperature(self) -> torch.Tensor:
-        """The (optionally clamped) temperature, as a method so FSDP can unshard around it."""
+    def current_temperature(self, step_tensor: torch.Tensor | None = None) -> torch.Tensor:
+        """The (optionally clamped) temperature, as a method so FSDP can unshard around it.
+
+        ``step_tensor``: any tensor of the step, unused. FSDP2 before torch 2.14 fails on CUDA when a
+        forward method is called without arguments (IndexError in ``_root_pre_forward``; seen on 2.11)."""
         return self.temperature
 
     def lm_logits(self, text_hidden: torch.Tensor) -> torch.Tensor:
