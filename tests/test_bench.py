@@ -75,3 +75,19 @@ def test_bench_with_the_frozen_encoder_counts_its_flops_and_mfu(tmp_path):
     assert abs(result["stage1_mfu"] - mfu) < 1e-9 * mfu and "stage1_mfu" not in qformer_only  # no peak on a CPU
     with pytest.raises(ValueError, match="square"):
         encoder_config({"encoder": "eva", "quick": False, "tokens": 300})
+
+
+def test_flops_are_counted_without_module_hooks_that_defeat_checkpointing():
+    """count_flops = FlopCounterMode's total, without the module tracker (whose backward hooks kept the
+    recomputed activations of checkpointed layers alive: the counting step's memory became the row's)."""
+    from blip2_train.bench import _NoModuleTracking, count_flops, stage1_step
+
+    spec = {"steps": 1, "quick": True, "checkpointing": True, "compile": False, "width": 64, "vocab": 512,
+            "encoder": None, "kind": "stage1", "impl": "fast", "batch": 4, "tokens": 17}
+    step = stage1_step(spec, torch.device("cpu"))
+    step()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    assert count_flops(step) == counter.get_total_flops() > 0
+    with _NoModuleTracking() as tracker:
+        assert tracker.parents == {"Global"}
