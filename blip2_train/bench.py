@@ -190,7 +190,7 @@ def stage1_step(spec: dict, device):
         if spec.get("encoder"):  # the same frozen ViT as ours: the rows differ in the Q-Former step only
             model.visual_encoder = _encoder(spec, device)
         samples = {"image": image.to(device), "text_input": [""] * spec["batch"]}  # the ids come from its tokenizer
-        return _train_step(lambda: model(samples)["loss"], model, _optimizer(model), spec, device,
+        return _train_step(lambda: model(samples)["loss"], _optimizer(model), spec, device,
                            compiled=model.Qformer.bert)
     model = _qformer(spec, query_only=False).to(device).train()
     runner = _Stage1(model, OmegaConf.structured(StageConfig()), dec_token_id=spec["vocab"] - 1)
@@ -201,7 +201,7 @@ def stage1_step(spec: dict, device):
     batch = {"image": image, "input_ids": ids, "attention_mask": torch.ones(b, TEXT_LEN, dtype=torch.long),
              "image_id": torch.arange(b)}
     batch = {k: v.to(device) for k, v in batch.items()}
-    return _train_step(lambda: runner.stage1_losses(batch)["loss"], model, optimizer, spec, device,
+    return _train_step(lambda: runner.stage1_losses(batch)["loss"], optimizer, spec, device,
                        compiled=model.qformer)
 
 
@@ -227,10 +227,10 @@ def stage2_step(spec: dict, device):
              "image": torch.randn(b, spec["tokens"], spec["width"], generator=g)}
     batch = {k: v.to(device) for k, v in batch.items()}
     return _train_step(lambda: runner.lm_loss(runner.visual_prompts(batch["image"]), batch),
-                       trainable, optimizer, spec, device, compiled=model.qformer)
+                       optimizer, spec, device, compiled=model.qformer)
 
 
-def _train_step(loss_fn, module, optimizer, spec, device, compiled: nn.Module):
+def _train_step(loss_fn, optimizer, spec, device, compiled: nn.Module):
     """``step()`` runs one training step; ``step.compile()`` turns on torch.compile for ``compiled``
     (the Q-Former encoder, as ``trainer.compile=true`` does in training)."""
     phases = spec.setdefault("phases", {"forward_ms": [], "backward_ms": [], "optimizer_ms": []})
@@ -263,7 +263,7 @@ class _NoModuleTracking:
     plain step at B=8 (5.9 against 4.0 GB) and did not fit in 24 GB at B=64 x 677 image tokens, where
     a plain step needs 8.8 GB; since peak RSS is the process's, it also inflated the rows' figures."""
 
-    parents = {"Global"}
+    parents = frozenset({"Global"})
 
     def __enter__(self):
         return self
@@ -474,10 +474,11 @@ def main(argv=None) -> dict:
               "torch": torch.__version__, "stage1_impl": impls[0], "stage1_batch_size": batches[0],
               "stage1_compile": args.compile, "stage1_dropout_masks": args.dropout_masks,
               "load_average_before": os.getloadavg()[0]}
+    encoder_cfg = None
     if args.encoder:
-        cfg = encoder_config({**base, "tokens": quick_tokens if args.quick else token_counts[0]})
-        result["stage1_encoder"] = (f"{cfg.model_name} ({cfg.name}, {cfg.image_size} px, last block dropped, "
-                                    f"random weights, {cfg.precision}, frozen)")
+        encoder_cfg = encoder_config({**base, "tokens": quick_tokens if args.quick else token_counts[0]})
+        result["stage1_encoder"] = (f"{encoder_cfg.model_name} ({encoder_cfg.name}, {encoder_cfg.image_size} px, "
+                                    f"last block dropped, random weights, {encoder_cfg.precision}, frozen)")
     sweep = []
     for tokens in token_counts:
         for batch in batches:
@@ -521,8 +522,8 @@ def main(argv=None) -> dict:
                                      "text_len": TEXT_LEN, "queries": 8 if args.quick else 32,
                                      "qformer": "tiny" if args.quick else "bert-base (768 x 12 layers)",
                                      "cross_attention_frequency": 2, "vocab": base["vocab"]}})
-    if args.encoder:
-        size = encoder_config({**base, "tokens": first["tokens"]}).image_size
+    if encoder_cfg is not None:
+        size = encoder_cfg.image_size
         result["stage1_shapes"]["images"] = [batches[0], 3, size, size]
     keys = ("step_ms", "samples_per_s", "flops_per_step", "utilization", "peak_rss_mb", "compile_warmup_s",
             "forward_ms", "backward_ms", "optimizer_ms", "cpu_step_ms", "cpu_utilization")

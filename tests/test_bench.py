@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from blip2_train.bench import _encoder, encoder_config, main
+from blip2_train.bench import _encoder, _NoModuleTracking, count_flops, encoder_config, main, stage1_step
 
 
 def test_bench_quick_writes_bench_json(tmp_path):
@@ -57,7 +57,6 @@ def test_bench_times_lavis_own_step_beside_ours(tmp_path):
     assert abs(normalized - expected) < 1e-9 * expected
 
 
-
 def test_bench_with_the_frozen_encoder_counts_its_flops_and_mfu(tmp_path):
     """--encoder eva (the GPU figure): images go through the frozen EVA (tiny under --quick) inside the
     step, its FLOPs are counted with the Q-Former's; MFU is FLOP/s over the given peak."""
@@ -80,8 +79,6 @@ def test_bench_with_the_frozen_encoder_counts_its_flops_and_mfu(tmp_path):
 def test_flops_are_counted_without_module_hooks_that_defeat_checkpointing():
     """count_flops = FlopCounterMode's total, without the module tracker (whose backward hooks kept the
     recomputed activations of checkpointed layers alive: the counting step's memory became the row's)."""
-    from blip2_train.bench import _NoModuleTracking, count_flops, stage1_step
-
     spec = {"steps": 1, "quick": True, "checkpointing": True, "compile": False, "width": 64, "vocab": 512,
             "encoder": None, "kind": "stage1", "impl": "fast", "batch": 4, "tokens": 17}
     step = stage1_step(spec, torch.device("cpu"))
