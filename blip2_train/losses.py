@@ -114,11 +114,16 @@ def itm_loss(logits: torch.Tensor, num_positive: int, weights: torch.Tensor) -> 
 
 def itg_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
              label_smoothing: float = 0.1) -> torch.Tensor:
-    """Causal LM loss of the text positions: logits [B, T, V] predict input_ids shifted by one.
+    """Causal LM loss of the text positions: logits predict input_ids shifted by one.
 
-    Padding is ignored (-100), the first token ([DEC]) is never a target; mean over targets.
+    ``logits``: [B, T - 1, V] for positions 0..T-2 (what stage 1 computes: the last position
+    predicts nothing), or [B, T, V], whose last position is then dropped. Padding is ignored
+    (-100), the first token ([DEC]) is never a target; mean over targets.
     """
     labels = input_ids.masked_fill(attention_mask == 0, -100)[:, 1:]
-    shifted = logits[:, :-1].float()
+    length = input_ids.shape[1]
+    if logits.shape[1] not in (length - 1, length):
+        raise ValueError(f"logits of {logits.shape[1]} positions for {length} tokens: give T - 1 or T")
+    shifted = (logits if logits.shape[1] == length - 1 else logits[:, :-1]).float()
     return F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels.reshape(-1),
                            ignore_index=-100, label_smoothing=label_smoothing)

@@ -58,7 +58,9 @@ class Stage1Module(Blip2Base):
         vision_tokens = batch.get("vision_tokens")  # [B, N, W] from data.feature_cache
         if vision_tokens is None:
             vision_tokens = self.encoder(batch["image"])  # [B, N, W]; no_grad and detached when frozen
-        image_embeds = model.encode_image(vision_tokens)  # [B, N, W] fp32, ln_vision trains
+        # [B, N, W] fp32: ln_vision(tokens), or under qformer.impl=fast the normalised tokens whose
+        # ln_vision affine is folded into the K/V projections (QFormer.image_states)
+        image_embeds = model.image_states(vision_tokens)
         # cross-attention K/V of the local images, once for every pass (None under qformer.impl=hf)
         cross_kv = model.cross_attention_kv(image_embeds)
 
@@ -110,7 +112,7 @@ class Stage1Module(Blip2Base):
         loss_itm = itm_loss(itm_logits, batch_size, weights)
 
         # ---- ITG: the text positions of the joint pass
-        lm_logits = model.lm_logits(hidden[:, num_queries:])  # [B, T, V]
+        lm_logits = model.lm_logits(hidden[:, num_queries:-1])  # [B, T - 1, V]: the last predicts nothing
         loss_itg = itg_loss(lm_logits, dec_ids, text_mask, self.cfg.stage.label_smoothing)
 
         stage = self.cfg.stage

@@ -57,7 +57,8 @@ class Stage2Module(Blip2Base):
         """[B, 3, H, W] (or cached encoder tokens [B, N, W]) -> projected query outputs [B, Q, D_llm]."""
         if vision_tokens is None:
             vision_tokens = self.encoder(images)  # no_grad and detached when frozen
-        query_output = self.model.query_forward(self.model.encode_image(vision_tokens))
+        states = self.model.image_states(vision_tokens)  # ln_vision folded into K/V under impl=fast
+        query_output = self.model.query_forward(states, self.model.cross_attention_kv(states))
         return self.language_projection(query_output)
 
     def lm_loss(self, prompts: torch.Tensor, batch: dict) -> torch.Tensor:

@@ -117,6 +117,11 @@ def test_itg_loss_shifts_and_ignores_padding():
     terms = [F.cross_entropy(logits[0, t:t + 1], ids[0, t + 1:t + 2]) for t in range(3)]
     terms.append(F.cross_entropy(logits[1, 0:1], ids[1, 1:2]))
     assert math.isclose(loss.item(), float(sum(terms) / 4), rel_tol=1e-5)
+    # logits of the T - 1 predicting positions only (stage 1's form): the same loss
+    assert math.isclose(itg_loss(logits[:, :-1].contiguous(), ids, mask, label_smoothing=0.0).item(),
+                        loss.item(), rel_tol=1e-6)
+    with pytest.raises(ValueError, match="give T - 1 or T"):
+        itg_loss(logits[:, :2], ids, mask)
 
 
 # --------------------------------------------------------------------------- 2 gloo processes
@@ -163,6 +168,72 @@ def test_ddp_gathered_itc_equals_single_process():
     assert math.isclose(mean_loss.item(), loss.item(), rel_tol=1e-5)
     assert torch.allclose(out[0][1:], image.grad.reshape(-1), atol=1e-6)
     assert torch.allclose(out[1][1:], image.grad.reshape(-1), atol=1e-6)
+
+
+# The whole stage-1 step on 2 gloo processes: gathered ITC features, ITM negatives from the other
+# rank (their K/V from the gathered image states), ln_vision's gradient through the folded K/V
+# projections (no gradient of the gathered states). Negatives are fixed (row g of the global batch
+# takes g + 1) so that one process on the whole batch sees the same pairs; no dropout. The ranks'
+# mean loss and averaged gradients are then the one process's.
+STAGE1_PARAMS = ("ln_vision.weight", "ln_vision.bias", "query_tokens", "temp", "embeddings.word_embeddings.weight",
+                 "qformer.encoder.layer.0.crossattention.attention.key.weight", "itm_head.weight")
+
+
+def _stage1_losses(rank: int, world: int, impl: str):
+    from omegaconf import OmegaConf
+
+    import blip2_train.stage1 as stage1
+    from blip2_train.bench import _Stage1
+    from blip2_train.config import QFormerConfig, StageConfig
+    from blip2_train.models.qformer import QFormer
+
+    def fixed_negatives(sim, positives, generator=None):  # row g of the global batch -> g + 1
+        rows = torch.arange(sim.shape[0]) + (dist.get_rank() if dist.is_initialized() else 0) * sim.shape[0]
+        return (rows + 1) % sim.shape[1], torch.ones(sim.shape[0], dtype=torch.bool)
+
+    stage1.hard_negative_indices = fixed_negatives
+    cfg = OmegaConf.structured(QFormerConfig(bert=None, impl=impl, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=4, intermediate_size=64, num_query_tokens=4,
+                                             embed_dim=16, hidden_dropout_prob=0.0,
+                                             attention_probs_dropout_prob=0.0))
+    torch.manual_seed(0)
+    model = QFormer(cfg, vision_width=24, vocab_size=50).train()
+    with torch.no_grad():
+        model.ln_vision.weight.uniform_(0.5, 1.5)
+        model.ln_vision.bias.normal_(0.0, 0.2)
+    g = torch.Generator().manual_seed(1)
+    batch = {"image": torch.randn(8, 5, 24, generator=g), "input_ids": torch.randint(3, 49, (8, 6), generator=g),
+             "attention_mask": torch.ones(8, 6, dtype=torch.long), "image_id": torch.arange(8)}
+    batch["input_ids"][:, 0] = 1
+    if world > 1:
+        per = 8 // world
+        batch = {k: v[rank * per: (rank + 1) * per] for k, v in batch.items()}
+    loss = _Stage1(model, OmegaConf.structured(StageConfig()), dec_token_id=49).stage1_losses(batch)["loss"]
+    loss.backward()
+    params = dict(model.named_parameters())
+    return loss.detach(), {name: params[name].grad for name in STAGE1_PARAMS}
+
+
+def _stage1_worker(rank, world, port, impl, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    loss, grads = _stage1_losses(rank, world, impl)
+    flat = torch.cat([grads[name].reshape(-1) for name in STAGE1_PARAMS])
+    dist.all_reduce(flat)  # what DDP does with parameter gradients: sum then / world
+    out[rank] = torch.cat([loss.reshape(1), flat / world])
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("impl", ["fast", "hf"])
+def test_ddp_stage1_step_equals_single_process(impl):
+    loss, grads = _stage1_losses(0, 1, impl)
+    expected = torch.cat([grads[name].reshape(-1) for name in STAGE1_PARAMS])
+    out = mp.get_context("spawn").Manager().dict()
+    mp.start_processes(_stage1_worker, args=(2, _free_port(), impl, out), nprocs=2, start_method="spawn")
+    assert math.isclose(((out[0][0] + out[1][0]) / 2).item(), loss.item(), rel_tol=1e-5)
+    assert expected.abs().max() > 1e-4 and grads["ln_vision.weight"].abs().max() > 1e-5
+    for rank in range(2):
+        assert torch.allclose(out[rank][1:], expected, atol=2e-6, rtol=1e-4)
 
 
 if __name__ == "__main__":

@@ -154,3 +154,53 @@ def test_matches_transformers_retrieval_model():
         sim = torch.einsum("iqd,td->itq", image_feats, text_feats).amax(-1)
     assert torch.allclose(itm_ours, itm_hf.logits_per_image, atol=1e-5)
     assert torch.allclose(sim, itc_hf.logits_per_image, atol=1e-5)
+
+
+def test_ln_vision_affine_folded_into_kv_gives_the_same_outputs_and_gradients_without_the_input_gradient():
+    """impl=fast: image_states + cross_attention_kv = ln_vision then K/V, the affine folded into the
+    projections; same outputs and parameter gradients (ln_vision's included), and the frozen
+    tokens' input-gradient products of the K/V projections are gone (counted FLOPs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    image, ids, mask = inputs(tokens=6)
+    probe = torch.randn(image.shape[0], 8 + ids.shape[1], 32, generator=torch.Generator().manual_seed(2))
+
+    def run(folded: bool, tokens: torch.Tensor):
+        model = make_model()  # eval: no dropout, the two runs see the same function
+        torch.manual_seed(0)
+        with torch.no_grad():  # a non-trivial affine: the init is gamma = 1, beta = 0
+            model.ln_vision.weight.uniform_(0.5, 1.5)
+            model.ln_vision.bias.normal_(0.0, 0.2)
+        with FlopCounterMode(display=False) as counter:
+            if folded:
+                states = model.image_states(tokens)
+                kv = model.cross_attention_kv(states)
+            else:
+                states = model.encode_image(tokens)
+                kv = model.qformer.cross_attention_kv(states)
+            out = model.joint_forward(states, ids, itg_mask(mask, model.num_query_tokens), kv)
+            (out * probe).sum().backward()  # (a LayerNorm output's square mean would be constant)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return states.requires_grad, out.detach(), grads, counter.get_total_flops()
+
+    (states_grad_a, out_a, grads_a, flops_a), (states_grad_b, out_b, grads_b, flops_b) = run(False, image), run(True, image)
+    assert states_grad_a and not states_grad_b  # ln_vision's output needs a gradient, the normalised tokens none
+    assert torch.allclose(out_a, out_b, atol=1e-5)
+    assert grads_a.keys() == grads_b.keys() and {"ln_vision.weight", "ln_vision.bias"} <= grads_a.keys()
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-4), name
+    assert grads_a["ln_vision.weight"].abs().max() > 1e-3 and grads_a["ln_vision.bias"].abs().max() > 1e-3
+    # unfolded: per cross-attention layer, K and V each take a [B*N, H] x [H, W] input-gradient product
+    batch, tokens = image.shape[:2]
+    input_grad_flops = len(make_model().qformer.cross_layers()) * 2 * 2 * batch * tokens * 32 * VISION_WIDTH
+    # the folding adds only elementwise [H, W] products and matrix-vector products (not counted)
+    assert flops_a - flops_b == input_grad_flops > 0
+
+    # an unfrozen encoder (encoder.freeze=false): the tokens' own gradient is the same too
+    token_grads = []
+    for folded in (False, True):
+        tokens = image.clone().requires_grad_(True)
+        run(folded, tokens)
+        token_grads.append(tokens.grad)
+    assert token_grads[0].abs().max() > 1e-4
+    assert torch.allclose(token_grads[0], token_grads[1], atol=1e-7, rtol=1e-4)

@@ -57,6 +57,19 @@ def _fused(masks: str, x: torch.Tensor) -> bool:
     return masks == "packed" and x.device.type != "cpu"
 
 
+def folded_linear(states: torch.Tensor, linear: nn.Linear, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """``linear(states * gamma + beta)`` as ``states @ (W * gamma)^T + (W beta + b)``.
+
+    The same function, but autograd now needs no gradient of ``states`` when they have none: for
+    the frozen image tokens under ``ln_vision`` (a LayerNorm's affine), the gradients of gamma and
+    beta come from the weight-sized products, and the [B*N, H] x [H, W] input-gradient product of
+    every cross-attention K/V projection (107 GFLOP of a B=16 stage-1 step) is never computed.
+    """
+    weight = linear.weight * gamma  # [H, W]
+    bias = torch.addmv(linear.bias, linear.weight, beta) if linear.bias is not None else linear.weight @ beta
+    return F.linear(states, weight, bias)
+
+
 class Dropout(nn.Dropout):
     """``nn.Dropout`` whose CPU masks can be drawn packed (``masks="packed"``, see :func:`packed_keep_mask`)."""
 
@@ -95,8 +108,14 @@ class MultiHeadAttention(nn.Module):
         """[B, L, H] -> [B, heads, L, head_dim] (a view)."""
         return x.view(*x.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)
 
-    def key_value(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.heads(self.key(states)), self.heads(self.value(states))
+    def key_value(self, states: torch.Tensor, affine: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of ``states`` [B, N, W]; with ``affine`` = (gamma, beta), of
+        ``states * gamma + beta``, folded into the projections (see :func:`folded_linear`)."""
+        if affine is None:
+            return self.heads(self.key(states)), self.heads(self.value(states))
+        return (self.heads(folded_linear(states, self.key, *affine)),
+                self.heads(folded_linear(states, self.value, *affine)))
 
     def forward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor],
                 kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None, chunks: Optional[Chunks] = None,
@@ -245,10 +264,12 @@ class QFormerLayer(nn.Module):
         self.intermediate_query = Intermediate(config)
         self.output_query = DenseResidual(config.intermediate_size, config)
 
-    def cross_key_value(self, image_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def cross_key_value(self, image_embeds: torch.Tensor, affine: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's cross-attention (key, value) of the images (a method of the layer, so that
-        FSDP can gather the layer's weights around it: see blip2_train/fsdp.py)."""
-        return self.crossattention.attention.key_value(image_embeds)
+        FSDP can gather the layer's weights around it: see blip2_train/fsdp.py); ``affine``: see
+        :meth:`FastQFormerModel.cross_attention_kv`."""
+        return self.crossattention.attention.key_value(image_embeds, affine)
 
     def forward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor], query_length: int,
                 kv: Optional[tuple[torch.Tensor, torch.Tensor]], chunks: Optional[Chunks] = None,
@@ -320,10 +341,15 @@ class FastQFormerModel(nn.Module):
     def cross_layers(self) -> list[QFormerLayer]:
         return [layer for layer in self.encoder.layer if layer.has_cross_attention]
 
-    def cross_attention_kv(self, image_embeds: torch.Tensor) -> CrossKV:
-        """Keys/values of every cross-attention layer: [B, N, W] -> per layer ([B, h, N, d], [B, h, N, d])."""
+    def cross_attention_kv(self, image_embeds: torch.Tensor,
+                           affine: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> CrossKV:
+        """Keys/values of every cross-attention layer: [B, N, W] -> per layer ([B, h, N, d], [B, h, N, d]).
+
+        ``affine`` = (gamma [W], beta [W]): the images are ``image_embeds * gamma + beta`` (a
+        LayerNorm's affine, ``ln_vision``), folded into each projection (:func:`folded_linear`).
+        """
         image_embeds = image_embeds.to(self.layernorm.weight.dtype)  # the Q-Former is kept in fp32
-        return [layer.cross_key_value(image_embeds) for layer in self.cross_layers()]
+        return [layer.cross_key_value(image_embeds, affine) for layer in self.cross_layers()]
 
     def forward(self, query_embeds: torch.Tensor, query_length: Optional[int] = None,
                 attention_mask: Optional[torch.Tensor] = None,

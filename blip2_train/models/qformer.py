@@ -39,7 +39,7 @@ class LMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = self.transform.LayerNorm(F.gelu(self.transform.dense(hidden)))
-        return self.decoder(hidden) + self.bias
+        return F.linear(hidden, self.decoder.weight, self.bias)  # the bias added inside the product
 
 
 def itg_mask(text_mask: torch.Tensor, num_queries: int) -> torch.Tensor:
@@ -150,10 +150,28 @@ class QFormer(nn.Module):
 
     # ---- cross-attention K/V reuse (issue 7). ``image_index`` [B] picks each row's image from
     # ``image_embeds`` (or from ``cross_kv``'s batch); under impl=hf K/V are simply recomputed.
-    def cross_attention_kv(self, image_embeds: torch.Tensor) -> CrossKV | None:
-        """Per cross-attention layer (K, V) [B, heads, N, d] of these images; None under impl=hf."""
-        if isinstance(self.qformer, FastQFormerModel):
-            return self.qformer.cross_attention_kv(image_embeds)
+    @property
+    def caches_kv(self) -> bool:
+        """True under qformer.impl=fast: passes read images through :meth:`cross_attention_kv`."""
+        return isinstance(self.qformer, FastQFormerModel)
+
+    def image_states(self, vision_tokens: torch.Tensor) -> torch.Tensor:
+        """What the training passes read of the images: [B, N, W] fp32.
+
+        Under impl=hf, ``encode_image`` (ln_vision). Under impl=fast, the tokens normalised
+        *without* ln_vision's affine: :meth:`cross_attention_kv` folds gamma and beta into the K/V
+        projections, so no gradient of the [B, N, W] tokens is needed when the encoder is frozen
+        (``folded_linear``). These states are then only for ``cross_attention_kv``; a pass given
+        them must also be given their ``cross_kv``.
+        """
+        if not self.caches_kv:
+            return self.encode_image(vision_tokens)
+        return F.layer_norm(vision_tokens.float(), self.ln_vision.normalized_shape, eps=self.ln_vision.eps)
+
+    def cross_attention_kv(self, image_states: torch.Tensor) -> CrossKV | None:
+        """Per cross-attention layer (K, V) [B, heads, N, d] of :meth:`image_states`; None under impl=hf."""
+        if self.caches_kv:
+            return self.qformer.cross_attention_kv(image_states, (self.ln_vision.weight, self.ln_vision.bias))
         return None
 
     def _encode(self, embeds, query_length, mask=None, image_embeds=None, cross_kv=None, image_index=None,
