@@ -3,6 +3,7 @@
 import math
 import os
 import socket
+from unittest import mock
 
 import pytest
 import torch
@@ -191,7 +192,6 @@ def _stage1_losses(rank: int, world: int, impl: str):
         rows = torch.arange(sim.shape[0]) + (dist.get_rank() if dist.is_initialized() else 0) * sim.shape[0]
         return (rows + 1) % sim.shape[1], torch.ones(sim.shape[0], dtype=torch.bool)
 
-    stage1.hard_negative_indices = fixed_negatives
     cfg = OmegaConf.structured(QFormerConfig(bert=None, impl=impl, hidden_size=32, num_hidden_layers=2,
                                              num_attention_heads=4, intermediate_size=64, num_query_tokens=4,
                                              embed_dim=16, hidden_dropout_prob=0.0,
@@ -208,7 +208,8 @@ def _stage1_losses(rank: int, world: int, impl: str):
     if world > 1:
         per = 8 // world
         batch = {k: v[rank * per: (rank + 1) * per] for k, v in batch.items()}
-    loss = _Stage1(model, OmegaConf.structured(StageConfig()), dec_token_id=49).stage1_losses(batch)["loss"]
+    with mock.patch.object(stage1, "hard_negative_indices", fixed_negatives):  # not left behind in pytest
+        loss = _Stage1(model, OmegaConf.structured(StageConfig()), dec_token_id=49).stage1_losses(batch)["loss"]
     loss.backward()
     params = dict(model.named_parameters())
     return loss.detach(), {name: params[name].grad for name in STAGE1_PARAMS}
