@@ -40,7 +40,8 @@ from torch import nn
 
 #: The QFormer methods the training and evaluation code calls (each gathers the root unit).
 QFORMER_METHODS = ("encode_image", "image_states", "cross_attention_kv", "query_forward", "text_forward",
-                   "joint_forward", "image_features", "text_features", "itm_logits", "lm_logits", "current_temperature")
+                   "joint_forward", "image_features", "text_features", "itm_logits", "lm_logits",
+                   "current_temperature")
 #: ModuleList names that hold transformer blocks: timm/open_clip ViTs, BERT, OPT, T5.
 BLOCK_LISTS = ("blocks", "resblocks", "layer", "layers", "block")
 

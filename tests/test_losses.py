@@ -176,14 +176,15 @@ def test_ddp_gathered_itc_equals_single_process():
 # projections (no gradient of the gathered states). Negatives are fixed (row g of the global batch
 # takes g + 1) so that one process on the whole batch sees the same pairs; no dropout. The ranks'
 # mean loss and averaged gradients are then the one process's.
-STAGE1_PARAMS = ("ln_vision.weight", "ln_vision.bias", "query_tokens", "temp", "embeddings.word_embeddings.weight",
-                 "qformer.encoder.layer.0.crossattention.attention.key.weight", "itm_head.weight")
+STAGE1_PARAMS = ("ln_vision.weight", "ln_vision.bias", "query_tokens", "temp", "itm_head.weight",
+                 "embeddings.word_embeddings.weight",
+                 "qformer.encoder.layer.0.crossattention.attention.key.weight")
 
 
 def _stage1_losses(rank: int, world: int, impl: str):
     from omegaconf import OmegaConf
 
-    import blip2_train.stage1 as stage1
+    from blip2_train import stage1
     from blip2_train.bench import _Stage1
     from blip2_train.config import QFormerConfig, StageConfig
     from blip2_train.models.qformer import QFormer
@@ -202,24 +203,30 @@ def _stage1_losses(rank: int, world: int, impl: str):
         model.ln_vision.weight.uniform_(0.5, 1.5)
         model.ln_vision.bias.normal_(0.0, 0.2)
     g = torch.Generator().manual_seed(1)
-    batch = {"image": torch.randn(8, 5, 24, generator=g), "input_ids": torch.randint(3, 49, (8, 6), generator=g),
+    batch = {"image": torch.randn(8, 5, 24, generator=g),
+             "input_ids": torch.randint(3, 49, (8, 6), generator=g),
              "attention_mask": torch.ones(8, 6, dtype=torch.long), "image_id": torch.arange(8)}
     batch["input_ids"][:, 0] = 1
     if world > 1:
         per = 8 // world
         batch = {k: v[rank * per: (rank + 1) * per] for k, v in batch.items()}
+    runner = _Stage1(model, OmegaConf.structured(StageConfig()), dec_token_id=49)
     with mock.patch.object(stage1, "hard_negative_indices", fixed_negatives):  # not left behind in pytest
-        loss = _Stage1(model, OmegaConf.structured(StageConfig()), dec_token_id=49).stage1_losses(batch)["loss"]
+        loss = runner.stage1_losses(batch)["loss"]
     loss.backward()
     params = dict(model.named_parameters())
     return loss.detach(), {name: params[name].grad for name in STAGE1_PARAMS}
+
+
+def _flat(grads: dict) -> torch.Tensor:
+    return torch.cat([grads[name].reshape(-1) for name in STAGE1_PARAMS])
 
 
 def _stage1_worker(rank, world, port, impl, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     loss, grads = _stage1_losses(rank, world, impl)
-    flat = torch.cat([grads[name].reshape(-1) for name in STAGE1_PARAMS])
+    flat = _flat(grads)
     dist.all_reduce(flat)  # what DDP does with parameter gradients: sum then / world
     out[rank] = torch.cat([loss.reshape(1), flat / world])
     dist.destroy_process_group()
@@ -228,7 +235,7 @@ def _stage1_worker(rank, world, port, impl, out):
 @pytest.mark.parametrize("impl", ["fast", "hf"])
 def test_ddp_stage1_step_equals_single_process(impl):
     loss, grads = _stage1_losses(0, 1, impl)
-    expected = torch.cat([grads[name].reshape(-1) for name in STAGE1_PARAMS])
+    expected = _flat(grads)
     out = mp.get_context("spawn").Manager().dict()
     mp.start_processes(_stage1_worker, args=(2, _free_port(), impl, out), nprocs=2, start_method="spawn")
     assert math.isclose(((out[0][0] + out[1][0]) / 2).item(), loss.item(), rel_tol=1e-5)

@@ -27,6 +27,8 @@ CrossKV = list[tuple[torch.Tensor, torch.Tensor]]
 # offset o (row b reads K/V row o + b: a view) or a LongTensor [C] of K/V rows (a gather).
 # ITM on one process: [0, negative_images, 0]; on several: K/V [local; negatives] and [0, B, 0].
 Chunks = list  # list[int | torch.Tensor]
+# (gamma [W], beta [W]): a LayerNorm's affine applied to the images, folded into K/V (folded_linear).
+Affine = tuple[torch.Tensor, torch.Tensor]
 
 
 DROPOUT_MASKS = VALID["qformer.dropout_masks"]  # ("packed", "torch")
@@ -57,7 +59,8 @@ def _fused(masks: str, x: torch.Tensor) -> bool:
     return masks == "packed" and x.device.type != "cpu"
 
 
-def folded_linear(states: torch.Tensor, linear: nn.Linear, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+def folded_linear(states: torch.Tensor, linear: nn.Linear, gamma: torch.Tensor,
+                  beta: torch.Tensor) -> torch.Tensor:
     """``linear(states * gamma + beta)`` as ``states @ (W * gamma)^T + (W beta + b)``.
 
     The same function, but autograd now needs no gradient of ``states`` when they have none: for
@@ -108,7 +111,7 @@ class MultiHeadAttention(nn.Module):
         """[B, L, H] -> [B, heads, L, head_dim] (a view)."""
         return x.view(*x.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)
 
-    def key_value(self, states: torch.Tensor, affine: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    def key_value(self, states: torch.Tensor, affine: Optional[Affine] = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of ``states`` [B, N, W]; with ``affine`` = (gamma, beta), of
         ``states * gamma + beta``, folded into the projections (see :func:`folded_linear`)."""
@@ -264,7 +267,7 @@ class QFormerLayer(nn.Module):
         self.intermediate_query = Intermediate(config)
         self.output_query = DenseResidual(config.intermediate_size, config)
 
-    def cross_key_value(self, image_embeds: torch.Tensor, affine: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    def cross_key_value(self, image_embeds: torch.Tensor, affine: Optional[Affine] = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's cross-attention (key, value) of the images (a method of the layer, so that
         FSDP can gather the layer's weights around it: see blip2_train/fsdp.py); ``affine``: see
@@ -342,7 +345,7 @@ class FastQFormerModel(nn.Module):
         return [layer for layer in self.encoder.layer if layer.has_cross_attention]
 
     def cross_attention_kv(self, image_embeds: torch.Tensor,
-                           affine: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> CrossKV:
+                           affine: Optional[Affine] = None) -> CrossKV:
         """Keys/values of every cross-attention layer: [B, N, W] -> per layer ([B, h, N, d], [B, h, N, d]).
 
         ``affine`` = (gamma [W], beta [W]): the images are ``image_embeds * gamma + beta`` (a
