@@ -59,8 +59,8 @@ VOCAB, TEXT_LEN, LLM_TEXT_LEN = 30523, 32, 32
 PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.4e12), ("H200", 989.4e12),
              ("GH200", 989.4e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("A10G", 70e12),
              ("L4", 121e12))
-QUICK_QFORMER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                     num_query_tokens=8, embed_dim=32)
+QUICK_QFORMER = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "intermediate_size": 128, "num_query_tokens": 8, "embed_dim": 32}
 
 
 def _sync(device: torch.device) -> None:
@@ -91,7 +91,8 @@ def matmul_samples(shapes: list[tuple[int, int, int]], device, dtype, reps: int)
         a = torch.randn(n, k, device=device, dtype=dtype)
         b = torch.randn(k, m, device=device, dtype=dtype)
         a @ b
-        samples[f"{n}x{k}x{m}"] = [tuple(2 * n * k * m / (t / 1000) for t in _clocked(lambda: a @ b, device))
+        flop = 2 * n * k * m
+        samples[f"{n}x{k}x{m}"] = [tuple(flop / (t / 1000) for t in _clocked(lambda a=a, b=b: a @ b, device))
                                    for _ in range(reps)]
     return samples
 
@@ -336,7 +337,7 @@ def run_isolated(spec: dict, in_process: bool) -> dict:
     if in_process:
         return measure(dict(spec))
     out = subprocess.run([sys.executable, "-m", "blip2_train.bench", "--worker", json.dumps(spec)],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, check=False)
     lines = [line for line in out.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
     if out.returncode != 0 or not lines:
         raise RuntimeError(f"benchmark worker {spec} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")

@@ -34,13 +34,12 @@ class AtomicLastCheckpoint(Callback):
         tmp = self.dirpath / ".last.ckpt.tmp"
         trainer.save_checkpoint(str(tmp))  # every rank calls it; the strategy writes on rank 0
         trainer.strategy.barrier("atomic_checkpoint")
-        if trainer.is_global_zero:
-            if tmp.is_dir() or tmp.is_file():
-                if final.is_dir():  # sharded (FSDP) checkpoints are directories
-                    import shutil
+        if trainer.is_global_zero and (tmp.is_dir() or tmp.is_file()):
+            if final.is_dir():  # sharded (FSDP) checkpoints are directories
+                import shutil
 
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
         trainer.strategy.barrier("atomic_checkpoint_done")
         self._saved_step = trainer.global_step
         return final

@@ -26,7 +26,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling refusal ends here
+    except Exception as err:  # any unpickling refusal ends here
         raise ValueError(
             f"{path} cannot be read as plain tensors ({err.__class__.__name__}: {str(err)[:200]}). "
             f"Files are loaded with torch.load(weights_only=True) so that they can never run code; "
@@ -58,8 +58,9 @@ def load_matching(module: nn.Module, state: dict[str, torch.Tensor], skip_prefix
 
 
 def format_report(report: dict, source: str, limit: int = 20) -> str:
-    lines = [f"init_from {source}: {len(report['matched'])} matched, {len(report['missing'])} missing, "
-             f"{len(report['unexpected'])} unexpected, {len(report['mismatched'])} shape mismatches"]
+    head = (f"init_from {source}: {len(report['matched'])} matched, {len(report['missing'])} missing, "
+            f"{len(report['unexpected'])} unexpected, {len(report['mismatched'])} shape mismatches")
+    lines = [head]
     groups: dict[str, int] = {}
     for key in report["matched"]:
         parts = key.split(".")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -23,7 +23,7 @@ class EncoderConfig:
 
     name: str = MISSING  # eva | clip | tiny_eva | tiny_clip
     model_name: str = MISSING  # open_clip architecture, e.g. EVA01-g-14
-    pretrained: Optional[str] = None  # open_clip tag, a local file, or null for random init
+    pretrained: str | None = None  # open_clip tag, a local file, or null for random init
     image_size: int = 224
     drop_last_blocks: int = 1  # BLIP-2 takes the output of the second-to-last block
     precision: str = "fp32"  # fp32 | fp16 | bf16 (weights and compute of the frozen ViT)
@@ -36,8 +36,8 @@ class EncoderConfig:
 class QFormerConfig:
     """Q-Former (BERT with cross-attention) and its heads."""
 
-    bert: Optional[str] = "bert-base-uncased"  # hub id or local dir for init; null = random init
-    tokenizer: Optional[str] = None  # hub id / local dir; null = same as bert, or built locally
+    bert: str | None = "bert-base-uncased"  # hub id or local dir for init; null = random init
+    tokenizer: str | None = None  # hub id / local dir; null = same as bert, or built locally
     hidden_size: int = 768
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
@@ -52,7 +52,7 @@ class QFormerConfig:
     initializer_range: float = 0.02
     temp_init: float = 0.07
     # LAVIS never clamps the temperature (null). [0.001, 0.5] keeps it in a sane range.
-    temp_clamp: Optional[list[float]] = None
+    temp_clamp: list[float] | None = None
     gradient_checkpointing: bool = False
     # fast: our own Q-Former (models/fast_qformer.py; same weights and numerics, cross-attention
     # keys/values computed once per image per step); hf: transformers' Blip2QFormerModel.
@@ -121,12 +121,12 @@ class DataConfig:
     """webdataset shards (img2dataset layout) or the embedded synthetic set."""
 
     name: str = "webdataset"  # webdataset | synthetic
-    train_shards: Optional[str] = None  # brace-expanded URL(s) or a directory of .tar files
+    train_shards: str | None = None  # brace-expanded URL(s) or a directory of .tar files
     # several training sources mixed by weight, instead of train_shards (README, "Mixing sources")
     sources: list[DataSourceConfig] = field(default_factory=list)
-    val_shards: Optional[str] = None
+    val_shards: str | None = None
     batch_size: int = 32  # per device
-    global_batch_size: Optional[int] = None  # when set: batch_size = global / (devices x nodes)
+    global_batch_size: int | None = None  # when set: batch_size = global / (devices x nodes)
     eval_batch_size: int = 64
     num_workers: int = 2
     shuffle_buffer: int = 1000
@@ -136,7 +136,7 @@ class DataConfig:
     max_skipped_fraction: float = 0.1  # stop when more than this fraction of samples is bad
     train_augment: bool = True
     # frozen encoder tokens of the training samples, written by python -m blip2_train.data.feature_cache
-    feature_cache: Optional[str] = None
+    feature_cache: str | None = None
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -149,11 +149,11 @@ class TrainerConfig:
     devices: Any = "auto"
     num_nodes: int = 1
     strategy: str = "auto"  # auto | ddp | fsdp
-    precision: Optional[str] = None  # null: bf16-mixed on GPU, 32-true on CPU
+    precision: str | None = None  # null: bf16-mixed on GPU, 32-true on CPU
     max_steps: int = 1000
-    val_check_interval: Optional[int] = None  # steps between validations (null: at the end only)
+    val_check_interval: int | None = None  # steps between validations (null: at the end only)
     log_every_n_steps: int = 10
-    gradient_clip_val: Optional[float] = None
+    gradient_clip_val: float | None = None
     accumulate_grad_batches: int = 1
     # A non-finite loss skips its update; this many in a row stop the run with an error.
     max_nonfinite_steps: int = 10
@@ -176,7 +176,7 @@ class RetrievalConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_n_steps: Optional[int] = None
+    every_n_steps: int | None = None
     save_last: bool = True
 
 
@@ -186,7 +186,7 @@ class LLMConfig:
 
     name: str = "none"  # opt | flant5 | tiny_opt | tiny_t5 | none
     kind: str = "none"  # decoder | encoder_decoder
-    model: Optional[str] = None  # hub id or local dir
+    model: str | None = None  # hub id or local dir
     precision: str = "bf16"
     force_fp16: bool = False
     dropout_in_train: bool = False  # LAVIS leaves the frozen LLM's dropout on (true)
@@ -220,7 +220,7 @@ class Blip2Config:
     llm: LLMConfig = field(default_factory=LLMConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     run_dir: str = "runs/${now:%Y-%m-%d_%H-%M-%S}"
-    init_from: Optional[str] = None
+    init_from: str | None = None
     seed: int = 42
     cache_dir: str = "${oc.env:BLIP2_CACHE,.cache}"  # synthetic shards, tiny tokenizers
     experiment_name: str = "default"

@@ -8,7 +8,7 @@ each caption (text->image).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

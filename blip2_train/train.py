@@ -80,7 +80,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path, resumed_from: int = 0) -> list
     offline = cfg.logger.offline and "WANDB_MODE" not in os.environ and "WANDB_API_KEY" not in os.environ
     logger = loggers.WandbLogger(project=cfg.logger.project, save_dir=str(run_dir), offline=offline,
                                  id=run_id, resume="allow" if run_id else None)
-    if run_id is None and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+    if run_id is None and int(os.environ.get("LOCAL_RANK", "0")) == 0:
         id_file.write_text(logger.experiment.id)
     return [logger]
 
@@ -143,7 +143,7 @@ def train(cfg: DictConfig) -> dict:
     apply_slurm_topology(cfg)  # a submitit SLURM job: devices / num_nodes from the allocation
     # Lightning's DDP launcher re-runs this script for ranks > 0: they must share rank 0's run_dir
     # (a ${now:...} default would otherwise give one directory per process).
-    if os.environ.get("BLIP2_RUN_DIR") and int(os.environ.get("LOCAL_RANK", 0)) > 0:
+    if os.environ.get("BLIP2_RUN_DIR") and int(os.environ.get("LOCAL_RANK", "0")) > 0:
         cfg.run_dir = os.environ["BLIP2_RUN_DIR"]
     else:
         os.environ["BLIP2_RUN_DIR"] = str(cfg.run_dir)

@@ -44,12 +44,13 @@ def passes(image, queries, text, mask):
     """The four kinds of pass stage 1 runs, as keyword arguments of both modules."""
     joint = torch.cat([queries, text], dim=1)
     return {
-        "query_only": dict(query_embeds=queries, query_length=QUERIES, encoder_hidden_states=image),
-        "text_only": dict(query_embeds=text, query_length=0, attention_mask=mask.bool()[:, None, None, :]),
-        "itg": dict(query_embeds=joint, query_length=QUERIES, attention_mask=itg_mask(mask, QUERIES),
-                    encoder_hidden_states=image),
-        "itm": dict(query_embeds=joint, query_length=QUERIES, attention_mask=itm_mask(mask, QUERIES),
-                    encoder_hidden_states=image),
+        "query_only": {"query_embeds": queries, "query_length": QUERIES, "encoder_hidden_states": image},
+        "text_only": {"query_embeds": text, "query_length": 0,
+                      "attention_mask": mask.bool()[:, None, None, :]},
+        "itg": {"query_embeds": joint, "query_length": QUERIES, "attention_mask": itg_mask(mask, QUERIES),
+                "encoder_hidden_states": image},
+        "itm": {"query_embeds": joint, "query_length": QUERIES, "attention_mask": itm_mask(mask, QUERIES),
+                "encoder_hidden_states": image},
     }
 
 

@@ -127,8 +127,8 @@ def test_matches_transformers_retrieval_model():
     model = make_model()
     q = model.config.to_dict()
     config = Blip2Config(
-        vision_config=dict(hidden_size=VISION_WIDTH, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=4, image_size=16, patch_size=8),
+        vision_config={"hidden_size": VISION_WIDTH, "intermediate_size": 64, "num_hidden_layers": 1,
+                       "num_attention_heads": 4, "image_size": 16, "patch_size": 8},
         qformer_config=q, num_query_tokens=model.num_query_tokens, image_text_hidden_size=16)
     config.qformer_config.use_qformer_text_input = True
     hf = Blip2ForImageTextRetrieval(config).eval()

@@ -1,5 +1,6 @@
 """Recall@k with image_id grouping, ITM re-ranking, parameter groups and the lr schedule."""
 
+import itertools
 import math
 
 import pytest
@@ -70,8 +71,8 @@ def test_scheduler_steps_per_optimizer_step():
     from omegaconf import OmegaConf
 
     model = nn.Linear(2, 2)
-    cfg = OmegaConf.create(dict(lr=1e-3, min_lr=1e-4, warmup_start_lr=1e-5, warmup_steps=4,
-                                weight_decay=0.05, betas=[0.9, 0.98], eps=1e-8))
+    cfg = OmegaConf.create({"lr": 1e-3, "min_lr": 1e-4, "warmup_start_lr": 1e-5, "warmup_steps": 4,
+                           "weight_decay": 0.05, "betas": [0.9, 0.98], "eps": 1e-8})
     built = build_optimizer(model, cfg, max_steps=20)
     opt, sched = built["optimizer"], built["lr_scheduler"]["scheduler"]
     lrs = []
@@ -80,7 +81,7 @@ def test_scheduler_steps_per_optimizer_step():
         opt.step()
         sched.step()
     assert math.isclose(lrs[0], 1e-5) and math.isclose(lrs[4], 1e-3)
-    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[4:]))
     assert opt.param_groups[0]["betas"] == (0.9, 0.98)
 
 

@@ -36,9 +36,14 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
+def train_rows(run_dir):
+    """The metrics.csv rows that carry a training loss."""
+    rows = csv.DictReader((run_dir / "logs" / "metrics.csv").read_text().splitlines())
+    return [r for r in rows if r.get("train/loss")]
+
+
 def losses_of(run_dir):
-    rows = list(csv.DictReader(open(run_dir / "logs" / "metrics.csv")))
-    return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    return [float(r["train/loss"]) for r in train_rows(run_dir)]
 
 
 def test_seeded_tiny_run_pins_losses_and_reloads_exactly(tmp_path, cache):
@@ -141,6 +146,6 @@ def test_mixed_sources_run_logs_the_samples_of_each_source(tmp_path, cache):
     metrics = train(make_cfg(tmp_path, cache, sources, "trainer.max_steps=4"))
     coco, cc3m = metrics["data/source_coco_samples"], metrics["data/source_cc3m_samples"]
     assert coco + cc3m == metrics["data/seen_samples"] == 4 * 8 and cc3m > coco  # 32 draws at 3:1
-    rows = [r for r in csv.DictReader(open(tmp_path / "run" / "logs" / "metrics.csv")) if r.get("train/loss")]
-    logged = [float(r["data/source_coco_samples"]) + float(r["data/source_cc3m_samples"]) for r in rows]
+    logged = [float(r["data/source_coco_samples"]) + float(r["data/source_cc3m_samples"])
+              for r in train_rows(tmp_path / "run")]
     assert logged == [8.0, 16.0, 24.0, 32.0]  # running totals, logged at every log step

@@ -52,9 +52,9 @@ def hf_twin(module):
     llm_config = module.llm.model.config
     q = module.model.config.to_dict()
     image_token = module.llm_tokenizer.unk_token_id
-    config = Blip2Config(vision_config=dict(hidden_size=module.encoder.width, num_hidden_layers=1,
-                                            num_attention_heads=4, intermediate_size=64, image_size=16,
-                                            patch_size=8),
+    config = Blip2Config(vision_config={"hidden_size": module.encoder.width, "num_hidden_layers": 1,
+                                        "num_attention_heads": 4, "intermediate_size": 64, "image_size": 16,
+                                        "patch_size": 8},
                          qformer_config=q, text_config=llm_config.to_dict(),
                          num_query_tokens=module.model.num_query_tokens, image_token_id=image_token)
     hf = Blip2ForConditionalGeneration(config).eval()

@@ -12,7 +12,7 @@ them, indexed by an image index where a pass sees images in another order (ITM's
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -111,7 +111,7 @@ class MultiHeadAttention(nn.Module):
         """[B, L, H] -> [B, heads, L, head_dim] (a view)."""
         return x.view(*x.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)
 
-    def key_value(self, states: torch.Tensor, affine: Optional[Affine] = None
+    def key_value(self, states: torch.Tensor, affine: Affine | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of ``states`` [B, N, W]; with ``affine`` = (gamma, beta), of
         ``states * gamma + beta``, folded into the projections (see :func:`folded_linear`)."""
@@ -120,9 +120,9 @@ class MultiHeadAttention(nn.Module):
         return (self.heads(folded_linear(states, self.key, *affine)),
                 self.heads(folded_linear(states, self.value, *affine)))
 
-    def forward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor],
-                kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None, chunks: Optional[Chunks] = None,
-                rows: Optional[int] = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None, chunks: Chunks | None = None,
+                rows: int | None = None) -> torch.Tensor:
         """hidden [B, L, H] attends to itself, or to ``kv`` (cross-attention) -> [B, L, H].
 
         ``chunks`` (cross-attention only): the rows come in ``len(chunks)`` equal chunks, each
@@ -192,7 +192,7 @@ class MultiHeadAttention(nn.Module):
         if p > 0.0 and not _fused(self.masks, query):  # the draws dropout on [R, h, Q, N] probabilities
             # would make, in that layout (on a GPU under packed masks SDPA draws them per product)
             keep = self.keep_mask((query.shape[0], heads, length, key.shape[2]), query).unflatten(0, (n, rows))
-        outs: list[Optional[torch.Tensor]] = [None] * n
+        outs: list[torch.Tensor | None] = [None] * n
         groups: dict[int, list[int]] = {}
         for i, chunk in enumerate(chunks):
             if isinstance(chunk, int):
@@ -267,16 +267,16 @@ class QFormerLayer(nn.Module):
         self.intermediate_query = Intermediate(config)
         self.output_query = DenseResidual(config.intermediate_size, config)
 
-    def cross_key_value(self, image_embeds: torch.Tensor, affine: Optional[Affine] = None
+    def cross_key_value(self, image_embeds: torch.Tensor, affine: Affine | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's cross-attention (key, value) of the images (a method of the layer, so that
         FSDP can gather the layer's weights around it: see blip2_train/fsdp.py); ``affine``: see
         :meth:`FastQFormerModel.cross_attention_kv`."""
         return self.crossattention.attention.key_value(image_embeds, affine)
 
-    def forward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor], query_length: int,
-                kv: Optional[tuple[torch.Tensor, torch.Tensor]], chunks: Optional[Chunks] = None,
-                rows: Optional[int] = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, query_length: int,
+                kv: tuple[torch.Tensor, torch.Tensor] | None, chunks: Chunks | None = None,
+                rows: int | None = None) -> torch.Tensor:
         """``rows``: only the first ``rows`` positions' outputs are computed (the others still serve
         as keys/values of the self-attention) -> [B, rows, H]."""
         attended = self.attention(hidden, mask, rows=rows)  # [B, L or rows, H]
@@ -337,7 +337,7 @@ class FastQFormerModel(nn.Module):
                 module.weight.fill_(1.0)
                 module.bias.zero_()
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Recompute each layer in backward (transformers' method name, so callers need not care)."""
         self.gradient_checkpointing = True
 
@@ -345,7 +345,7 @@ class FastQFormerModel(nn.Module):
         return [layer for layer in self.encoder.layer if layer.has_cross_attention]
 
     def cross_attention_kv(self, image_embeds: torch.Tensor,
-                           affine: Optional[Affine] = None) -> CrossKV:
+                           affine: Affine | None = None) -> CrossKV:
         """Keys/values of every cross-attention layer: [B, N, W] -> per layer ([B, h, N, d], [B, h, N, d]).
 
         ``affine`` = (gamma [W], beta [W]): the images are ``image_embeds * gamma + beta`` (a
@@ -354,12 +354,12 @@ class FastQFormerModel(nn.Module):
         image_embeds = image_embeds.to(self.layernorm.weight.dtype)  # the Q-Former is kept in fp32
         return [layer.cross_key_value(image_embeds, affine) for layer in self.cross_layers()]
 
-    def forward(self, query_embeds: torch.Tensor, query_length: Optional[int] = None,
-                attention_mask: Optional[torch.Tensor] = None,
-                encoder_hidden_states: Optional[torch.Tensor] = None,
-                cross_kv: Optional[CrossKV] = None,
-                image_index: Optional[torch.Tensor | Chunks] = None,
-                output_length: Optional[int] = None) -> QFormerOutput:
+    def forward(self, query_embeds: torch.Tensor, query_length: int | None = None,
+                attention_mask: torch.Tensor | None = None,
+                encoder_hidden_states: torch.Tensor | None = None,
+                cross_kv: CrossKV | None = None,
+                image_index: torch.Tensor | Chunks | None = None,
+                output_length: int | None = None) -> QFormerOutput:
         """[queries; text] embeddings [B, L, H] -> [B, L, H].
 
         The first ``query_length`` positions are queries (they cross-attend). ``attention_mask``:

@@ -19,7 +19,7 @@ from blip2_train.tokenization import TINY_WORDS
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-EXTRA_WORDS = "question answer short what color shape size where how many".split()
+EXTRA_WORDS = ["question", "answer", "short", "what", "color", "shape", "size", "where", "how", "many"]
 
 
 def _save_atomic(tokenizer, directory: Path):
