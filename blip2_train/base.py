@@ -46,7 +46,7 @@ class Blip2Base(L.LightningModule):
         if cfg.qformer.bert and not query_only:
             self.model.load_bert(cfg.qformer.bert)
         if cfg.trainer.compile:  # in place: parameter names stay; dynamic: text lengths vary per batch
-            self.model.qformer.compile(dynamic=True)
+            self.model.qformer.compile(dynamic=True, mode=cfg.trainer.compile_mode)
         self.register_buffer("skipped_samples", torch.zeros((), dtype=torch.long), persistent=True)
         self.register_buffer("seen_samples", torch.zeros((), dtype=torch.long), persistent=True)
         self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.long), persistent=True)

@@ -2,6 +2,7 @@
 
     python -m blip2_train.bench [--steps 10] [--impl fast,hf] [--batch-sizes 16] [--image-tokens 257]
                                 [--sweep-steps N] [--quick] [--checkpointing] [--compile] [--no-loader]
+                                [--compile-mode default|reduce-overhead|max-autotune|...]
                                 [--encoder eva] [--dropout-masks packed|torch]
 
 Stage 1 at LAVIS's Q-Former size (BERT-base Q-Former, random init, vocabulary 30523, 32 queries,
@@ -49,7 +50,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from blip2_train.config import DataConfig, OptimConfig, QFormerConfig, StageConfig
+from blip2_train.config import VALID, DataConfig, OptimConfig, QFormerConfig, StageConfig
 from blip2_train.models.llm import FrozenLLM
 from blip2_train.stage1 import Stage1Module
 from blip2_train.stage2 import Stage2Module
@@ -251,7 +252,8 @@ def _train_step(loss_fn, optimizer, spec, device, compiled: nn.Module):
 
         phases["optimizer_ms"].append(_timed(update, device))
 
-    step.compile = lambda: compiled.compile(dynamic=True)  # in place, as blip2_train/base.py does
+    # in place, as blip2_train/base.py does
+    step.compile = lambda: compiled.compile(dynamic=True, mode=spec.get("compile_mode", "default"))
     return step
 
 
@@ -443,6 +445,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--compile", action="store_true", help="torch.compile the Q-Former encoder as "
                         "trainer.compile=true does (after the FLOP-counting step; compile_warmup_s: the step "
                         "that compiles)")
+    parser.add_argument("--compile-mode", default="default", choices=VALID["trainer.compile_mode"],
+                        help="torch.compile's mode, as trainer.compile_mode (reduce-overhead: CUDA graphs)")
     parser.add_argument("--encoder", choices=["eva"], help="stage 1 from images through the frozen EVA ViT-g "
                         "(random weights; the GPU figure), not from image tokens")
     parser.add_argument("--dropout-masks", default="packed", choices=["packed", "torch"],
@@ -464,7 +468,8 @@ def main(argv=None) -> dict:
     batches = [int(b) for b in args.batch_sizes.split(",")]
     token_counts = [int(t) for t in args.image_tokens.split(",")]
     base = {"steps": args.steps, "quick": args.quick, "checkpointing": args.checkpointing,
-            "compile": args.compile, "width": 64 if args.quick else 1408, "vocab": 512 if args.quick else VOCAB,
+            "compile": args.compile, "compile_mode": args.compile_mode,
+            "width": 64 if args.quick else 1408, "vocab": 512 if args.quick else VOCAB,
             "encoder": args.encoder, "dropout_masks": args.dropout_masks}
     quick_tokens = 65 if args.encoder else 17  # the tiny EVA at 64 px, or a short image-token sequence
     cuda = torch.cuda.is_available()
@@ -473,7 +478,8 @@ def main(argv=None) -> dict:
     result = {"device": device_name, "device_peak_flops_per_s": peak,
               "threads": torch.get_num_threads(), "dtype": "bf16 autocast" if cuda else "float32",
               "torch": torch.__version__, "stage1_impl": impls[0], "stage1_batch_size": batches[0],
-              "stage1_compile": args.compile, "stage1_dropout_masks": args.dropout_masks,
+              "stage1_compile": args.compile, "stage1_compile_mode": args.compile_mode if args.compile else None,
+              "stage1_dropout_masks": args.dropout_masks,
               "load_average_before": os.getloadavg()[0]}
     encoder_cfg = None
     if args.encoder:

@@ -158,6 +158,9 @@ class TrainerConfig:
     # A non-finite loss skips its update; this many in a row stop the run with an error.
     max_nonfinite_steps: int = 10
     compile: bool = False
+    # torch.compile's mode when compile is true: reduce-overhead replays the compiled Q-Former as CUDA
+    # graphs (one recorded per input shape), for a step bound by kernel launches (README, MFU).
+    compile_mode: str = "default"
     deterministic: bool = False
     enable_progress_bar: bool = True
 
@@ -243,6 +246,7 @@ VALID = {
     "qformer.impl": ("fast", "hf"),
     "qformer.dropout_masks": ("packed", "torch"),
     "optim.implementation": ("fused", "foreach", "for_loop"),
+    "trainer.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 
 
@@ -276,6 +280,9 @@ def validate(cfg) -> None:
             raise ValueError(
                 f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, valid))}"
             )
+    if cfg.trainer.compile_mode != "default" and not cfg.trainer.compile:
+        raise ValueError(f"trainer.compile_mode={cfg.trainer.compile_mode} applies to a compiled Q-Former: "
+                         f"add trainer.compile=true")
     if cfg.stage.name == 2 and cfg.llm.name == "none":
         raise ValueError("stage=2 needs an LLM: add llm=opt, llm=flant5, llm=tiny_opt or llm=tiny_t5")
     sources = cfg.data.get("sources") or []

@@ -98,11 +98,37 @@ def test_unknown_value_of_a_checked_field_names_the_valid_ones():
         validate(cfg)
 
 
-@pytest.mark.parametrize("override,valid", [("qformer.dropout_masks=bernoulli", "packed, torch"),
-                                            ("optim.implementation=apex", "fused, foreach, for_loop")])
+@pytest.mark.parametrize("override,valid", [
+    ("qformer.dropout_masks=bernoulli", "packed, torch"),
+    ("optim.implementation=apex", "fused, foreach, for_loop"),
+    ("trainer.compile_mode=fastest", "default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs"),
+])
 def test_speed_switches_name_their_valid_values(override, valid):
     with pytest.raises(ValueError, match=f"{override.split('=')[0]}='.*'.*{valid}"):
-        validate(make(override))
+        validate(make(override, "trainer.compile=true"))
+
+
+def test_compile_mode_without_compile_is_a_clear_error():
+    with pytest.raises(ValueError, match="trainer.compile_mode=reduce-overhead .* add trainer.compile=true"):
+        validate(make("trainer.compile_mode=reduce-overhead"))
+    validate(make("trainer.compile_mode=reduce-overhead", "trainer.compile=true"))
+
+
+def test_compile_mode_reaches_torch_compile(tmp_path):
+    """trainer.compile_mode is the mode the Q-Former encoder is compiled with (CUDA graphs under
+    reduce-overhead); compiled in place, so the module's parameter names stay."""
+    from unittest import mock
+
+    from blip2_train.stage1 import Stage1Module
+
+    cfg = make(f"cache_dir={tmp_path}", f"run_dir={tmp_path / 'run'}", "qformer.num_hidden_layers=2",
+               "trainer.compile=true", "trainer.compile_mode=reduce-overhead")
+    with mock.patch("torch.compile", side_effect=lambda fn, **kwargs: fn) as compile_:
+        module = Stage1Module(cfg)
+    assert compile_.call_count == 1
+    assert compile_.call_args.kwargs == {"dynamic": True, "mode": "reduce-overhead"}
+    assert compile_.call_args.args[0].__self__ is module.model.qformer
+    assert "model.qformer.encoder.layer.0.attention.attention.query.weight" in module.state_dict()
 
 
 def test_webdataset_without_shards_is_a_clear_error():
