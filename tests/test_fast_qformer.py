@@ -409,3 +409,35 @@ def test_gpu_attention_dropout_is_drawn_inside_sdpa(monkeypatch):
     probe_loss(out).backward()
     assert out.shape == (12, QUERIES + TEXT, WIDTH) and torch.isfinite(embeds.grad).all()
     assert embeds.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("gpu_path", [False, True])
+def test_compiled_qformer_captures_each_pass_as_one_graph(tmp_path, monkeypatch, gpu_path):
+    """trainer.compile=true: each of the step's three Q-Former passes (joint, text, ITM) is traced as
+    one graph, without graph breaks (CUDA graphs under trainer.compile_mode=reduce-overhead replay whole
+    graphs; a break leaves eager launches between them), and the compiled step gives the eager losses
+    and gradients. ``gpu_path``: attention dropout inside SDPA, the branch a GPU takes. Dynamo's eager
+    backend: the tracing is what is tested, not inductor's code generation (minutes on this CPU)."""
+    from torch._dynamo.utils import counters
+
+    if gpu_path:
+        monkeypatch.setattr("blip2_train.models.fast_qformer._fused", lambda masks, x: masks == "packed")
+    module = stage1_module(tmp_path, "fast")
+    module.model.qformer.set_dropout_masks("packed")
+    batch = stage1_batch(module)
+    expected, expected_grads = losses_and_grads(module, batch, train=False)
+    torch._dynamo.reset()
+    module.model.qformer.compile(dynamic=True, backend="eager")
+    try:
+        counters.clear()
+        losses_and_grads(module, batch, train=True)  # training: the dropout branches
+        assert dict(counters["graph_break"]) == {}
+        assert counters["stats"]["unique_graphs"] == 3
+        got, grads = losses_and_grads(module, batch, train=False)
+    finally:
+        torch._dynamo.reset()
+    for name in expected:
+        assert torch.allclose(got[name], expected[name], atol=1e-6), name
+    assert grads.keys() == expected_grads.keys() and len(grads) > 20
+    for name in expected_grads:
+        assert torch.allclose(grads[name], expected_grads[name], atol=1e-6), name
