@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from blip2_train.config import CUDA_GRAPH_MODES
 from blip2_train.models.encoders import build_image_encoder
 from blip2_train.models.qformer import QFormer, num_parameters
 from blip2_train.optim import build_optimizer
@@ -142,6 +143,12 @@ class Blip2Base(L.LightningModule):
         from blip2_train.fsdp import shard_blip2
 
         self._fsdp_trainable_units = shard_blip2(self, self.device_mesh["data_parallel"])
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self.cfg.trainer.compile and self.cfg.trainer.compile_mode in CUDA_GRAPH_MODES:
+            # a new step for CUDA graph trees: the last step's graph outputs may now be overwritten
+            # (without it a replay can refuse, finding them alive in the logger or the optimizer)
+            torch.compiler.cudagraph_mark_step_begin()
 
     def on_after_backward(self) -> None:
         if getattr(self, "_fsdp_trainable_units", None):

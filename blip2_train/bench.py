@@ -50,7 +50,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from blip2_train.config import VALID, DataConfig, OptimConfig, QFormerConfig, StageConfig
+from blip2_train.config import CUDA_GRAPH_MODES, VALID, DataConfig, OptimConfig, QFormerConfig, StageConfig
 from blip2_train.models.llm import FrozenLLM
 from blip2_train.stage1 import Stage1Module
 from blip2_train.stage2 import Stage2Module
@@ -239,6 +239,9 @@ def _train_step(loss_fn, optimizer, spec, device, compiled: nn.Module):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step():
+        if spec["compile"] and spec.get("compile_mode") in CUDA_GRAPH_MODES:
+            torch.compiler.cudagraph_mark_step_begin()  # as Blip2Base.on_train_batch_start does
+
         def forward():
             with autocast:
                 step.loss = loss_fn()

@@ -248,6 +248,7 @@ VALID = {
     "optim.implementation": ("fused", "foreach", "for_loop"),
     "trainer.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the compile modes that replay CUDA graphs
 
 
 def normalize_overrides(args: list[str]) -> list[str]:

@@ -116,7 +116,8 @@ def test_compile_mode_without_compile_is_a_clear_error():
 
 def test_compile_mode_reaches_torch_compile(tmp_path):
     """trainer.compile_mode is the mode the Q-Former encoder is compiled with (CUDA graphs under
-    reduce-overhead); compiled in place, so the module's parameter names stay."""
+    reduce-overhead); compiled in place, so the module's parameter names stay. Under the CUDA-graph
+    modes every training batch starts a new step for CUDA graph trees."""
     from unittest import mock
 
     from blip2_train.stage1 import Stage1Module
@@ -129,6 +130,13 @@ def test_compile_mode_reaches_torch_compile(tmp_path):
     assert compile_.call_args.kwargs == {"dynamic": True, "mode": "reduce-overhead"}
     assert compile_.call_args.args[0].__self__ is module.model.qformer
     assert "model.qformer.encoder.layer.0.attention.attention.query.weight" in module.state_dict()
+    with mock.patch("torch.compiler.cudagraph_mark_step_begin") as mark:
+        module.on_train_batch_start({}, 0)
+        module.on_train_batch_start({}, 1)
+        assert mark.call_count == 2
+        module.cfg.trainer.compile_mode = "max-autotune-no-cudagraphs"
+        module.on_train_batch_start({}, 2)
+        assert mark.call_count == 2
 
 
 def test_webdataset_without_shards_is_a_clear_error():
