@@ -146,8 +146,8 @@ class Blip2Base(L.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if self.cfg.trainer.compile and self.cfg.trainer.compile_mode in CUDA_GRAPH_MODES:
-            # a new step for CUDA graph trees: the last step's graph outputs may now be overwritten
-            # (without it a replay can refuse, finding them alive in the logger or the optimizer)
+            # tells CUDA graph trees a new iteration begins (Lightning's loop gives them no other sign), so
+            # the memory of the last step's graph outputs may be reused; PyTorch's pattern for training loops
             torch.compiler.cudagraph_mark_step_begin()
 
     def on_after_backward(self) -> None:
