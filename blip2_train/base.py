@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from blip2_train.checkpoint_io import omitted_parts_of, rebuildable_parts, state_mismatch
 from blip2_train.config import CUDA_GRAPH_MODES
 from blip2_train.models.encoders import build_image_encoder
 from blip2_train.models.qformer import QFormer, num_parameters
@@ -34,7 +35,8 @@ class Blip2Base(L.LightningModule):
         # The resolved config travels inside every checkpoint, so evaluate/export need nothing else.
         self.save_hyperparameters({"cfg": OmegaConf.to_container(cfg, resolve=True)})
         self.cfg = cfg
-        self.strict_loading = False  # frozen pretrained encoder weights are not stored (see below)
+        # the frozen parts a checkpoint leaves out are rebuilt; on_load_checkpoint checks every other key
+        self.strict_loading = False
         self.cache_dir = str(Path(cfg.cache_dir) / "tokenizers")
         query_only = cfg.stage.name == 2  # stage 2 keeps the query path; its weights come from stage 1
         self.encoder = build_image_encoder(cfg.encoder)  # first: its missing weights are the usual stop
@@ -159,14 +161,38 @@ class Blip2Base(L.LightningModule):
     # ----------------------------------------------------------------------------- checkpoint
     def encoder_is_rebuildable(self) -> bool:
         """A frozen encoder with pretrained weights is rebuilt from them, so it is not saved."""
-        return bool(self.cfg.encoder.pretrained) and bool(self.cfg.encoder.freeze)
+        return "encoder" in rebuildable_parts(self.cfg)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # A sharded (FSDP) checkpoint keeps every weight: loading it back requires every key.
-        if self.encoder_is_rebuildable() and self.device_mesh is None:
-            state = checkpoint["state_dict"]
-            for key in [k for k in state if k.startswith("encoder.")]:
-                del state[key]
+        """One rule (``checkpoint_io.rebuildable_parts``): the frozen parts rebuilt from their own weights
+        are left out of a single-file checkpoint, which records them and their sources under
+        ``omitted_parts``. A sharded (FSDP) checkpoint keeps every weight (loading it back requires
+        every key) and records them under ``rebuildable_parts``, for ``consolidate``."""
+        parts = rebuildable_parts(self.cfg)
+        if self.device_mesh is not None:
+            checkpoint["omitted_parts"], checkpoint["rebuildable_parts"] = {}, parts
+            return
+        state = checkpoint["state_dict"]
+        prefixes = tuple(part["prefix"] for part in parts.values())
+        for key in [k for k in state if k.startswith(prefixes)] if prefixes else []:
+            del state[key]
+        checkpoint["omitted_parts"] = parts
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Resume: every weight but the omitted parts (already rebuilt from their sources when this
+        module was built) must be in the checkpoint, and nothing else."""
+        if "state_dict" not in checkpoint:  # a sharded checkpoint: loaded with every key by the strategy
+            return
+        omitted = omitted_parts_of(checkpoint)
+        missing, unexpected = state_mismatch(self.state_dict().keys(), checkpoint["state_dict"].keys(), omitted)
+        if missing or unexpected:
+            raise ValueError(f"the checkpoint to resume from does not fit this model: missing {missing[:10]}, "
+                             f"unexpected {unexpected[:10]} (left out and rebuilt: {sorted(omitted) or 'nothing'})")
+        for name, part in omitted.items():
+            now = rebuildable_parts(self.cfg).get(name, {}).get("source")
+            if now != part["source"]:
+                log.warning("resuming: the frozen %s was trained from %s and is rebuilt from %s now",
+                            name, part["source"], now)
 
     def train(self, mode: bool = True):
         super().train(mode)

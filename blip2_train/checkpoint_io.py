@@ -7,6 +7,7 @@ safetensors, so loading one can never run code.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -17,13 +18,19 @@ log = logging.getLogger(__name__)
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a Lightning ``.ckpt`` (its ``state_dict``), a ``.pth``/``.pt`` or ``.safetensors``."""
+    return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, the parts the file leaves out) of a file as :func:`read_state_dict` reads it; the
+    parts are those a blip2_train checkpoint records (``omitted_parts_of``), else none."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"init_from={path}: no such file or directory")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        return load_file(str(path)), {}
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any unpickling refusal ends here
@@ -32,11 +39,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"Files are loaded with torch.load(weights_only=True) so that they can never run code; "
             f"re-save it as a plain state dict or as safetensors."
         ) from err
+    omitted = omitted_parts_of(obj) if isinstance(obj, dict) and "hyper_parameters" in obj else {}
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, omitted
 
 
 def load_matching(module: nn.Module, state: dict[str, torch.Tensor], skip_prefixes=()) -> dict:
@@ -77,20 +85,36 @@ def format_report(report: dict, source: str, limit: int = 20) -> str:
 
 
 def load_init(module: nn.Module, path: str | Path) -> dict:
-    """Initialise ``module`` from ``path``; fail when nothing matched."""
+    """Initialise ``module`` from ``path``; fail when nothing matched.
+
+    The frozen parts a blip2_train checkpoint leaves out are this module's own (built from its own
+    config's weights); when this module has no weights of its own for the encoder the source left
+    out, that encoder would stay random: the error names the override that gives it the source's."""
     path = Path(path)
+    omitted = {}
     if path.is_dir() or path.suffix == ".pth" and _looks_like_lavis(path):
         from blip2_train.interop import import_external  # transformers dir or LAVIS .pth
 
         state = import_external(path, module)
     else:
-        state = read_state_dict(path)
+        state, omitted = read_checkpoint(path)
     skip = ("seen_samples", "skipped_samples", "nonfinite_steps", "source_samples")  # a run's counters, not weights: they start at 0
     skip += ("encoder.",) if _encoder_frozen(module) else ()
     if hasattr(module, "llm"):  # the frozen LLM comes from its own weights, never from init_from
         skip += ("llm.",)
+    cfg = getattr(module, "cfg", None)
+    for name, part in omitted.items():
+        if name == "encoder" and cfg is not None and not cfg.encoder.pretrained:
+            raise ValueError(f"init_from={path} leaves out its frozen encoder (rebuilt from {part['source']}), "
+                             f"and this model's encoder.pretrained is null, so its encoder would stay random: "
+                             f"add encoder.pretrained={part['source']}")
+        skip += (part["prefix"],)
     report = load_matching(module, state, skip_prefixes=skip)
-    print(format_report(report, str(path)), flush=True)
+    text = format_report(report, str(path))
+    if omitted:
+        text += "\n  left out by the source, this model's own: " + ", ".join(
+            f"{name} (the source's from {part['source']})" for name, part in sorted(omitted.items()))
+    print(text, flush=True)
     if not report["matched"]:
         raise ValueError(f"init_from={path}: no parameter name matched this model; is it a blip2_train "
                          f"checkpoint of a model with the same sizes?")
@@ -110,28 +134,118 @@ def _looks_like_lavis(path: Path) -> bool:
     return any(k.startswith(("Qformer.", "visual_encoder.")) for k in keys)
 
 
-def config_from_checkpoint(ckpt_path: str | Path, overrides: list[str] = ()):
-    """The resolved training config stored in a checkpoint, with dotlist overrides applied."""
+# ------------------------------------------------------------------------------ omitted parts
+#: Frozen parts that a checkpoint may leave out because they are rebuilt from their own weights:
+#: name -> (their state-dict prefix, the config key that names their weights).
+REBUILDABLE = {"encoder": ("encoder.", "encoder.pretrained"), "llm": ("llm.", "llm.model")}
+
+
+class MissingSourceError(FileNotFoundError):
+    """The weights a checkpoint's omitted part is rebuilt from are not where the checkpoint says."""
+
+
+def _resolved(source) -> str:
+    """A local path made absolute (so that a reader in another directory finds it); a tag or hub id as is."""
+    source = str(source)
+    local = os.path.expanduser(source)
+    return os.path.abspath(local) if os.path.exists(local) else source
+
+
+def rebuildable_parts(cfg) -> dict[str, dict]:
+    """The one rule for what a checkpoint of a model of ``cfg`` leaves out: a frozen encoder with
+    pretrained weights and a (non-tiny) frozen LLM, each rebuilt from its source, resolved now.
+
+    Tiny LLMs are randomly initialised, so they stay in the checkpoint; so does a fine-tuned encoder.
+    Returns ``{name: {"prefix", "override", "source"}}``, the entry a checkpoint stores as
+    ``omitted_parts`` (single files) or ``rebuildable_parts`` (sharded checkpoints, which keep every
+    weight; ``consolidate`` applies the rule)."""
+    parts = {}
+    if cfg["encoder"]["pretrained"] and cfg["encoder"]["freeze"]:
+        parts["encoder"] = cfg["encoder"]["pretrained"]
+    llm = cfg.get("llm") or {}
+    if int(cfg["stage"]["name"]) == 2 and llm.get("name", "none") != "none" and not llm["name"].startswith("tiny"):
+        parts["llm"] = llm["model"]
+    return {name: {"prefix": REBUILDABLE[name][0], "override": REBUILDABLE[name][1], "source": _resolved(source)}
+            for name, source in parts.items()}
+
+
+def omitted_parts_of(checkpoint: dict) -> dict[str, dict]:
+    """The parts ``checkpoint`` leaves out, as it records them; a checkpoint written before they were
+    recorded left out what the rule gives for its config (sources as its config names them)."""
+    if "omitted_parts" in checkpoint:
+        return dict(checkpoint["omitted_parts"])
+    try:
+        return rebuildable_parts(checkpoint["hyper_parameters"]["cfg"])
+    except KeyError:
+        return {}
+
+
+def state_mismatch(expected_keys, state_keys, omitted: dict) -> tuple[list[str], list[str]]:
+    """(missing, unexpected) keys of a state dict against a model's, where only the omitted parts may
+    be missing."""
+    prefixes = tuple(part["prefix"] for part in omitted.values())
+    state_keys = set(state_keys)
+    missing = sorted(k for k in expected_keys if k not in state_keys and not k.startswith(prefixes))
+    unexpected = sorted(state_keys - set(expected_keys))
+    return missing, unexpected
+
+
+def check_sources(omitted: dict, cfg, ckpt_path, given: dict) -> None:
+    """Every omitted part's weights exist where the config now points (a local path that is gone stops
+    here, naming the override that redirects it); hub ids and tags are checked by their loaders."""
     from omegaconf import OmegaConf
+
+    for name, part in omitted.items():
+        source = OmegaConf.select(cfg, part["override"])
+        if not source:
+            raise MissingSourceError(
+                f"{ckpt_path} leaves out the frozen {name} ({part['prefix']}*), to be rebuilt from "
+                f"{part['source']}, but {part['override']} is empty: pass {part['override']}=<its weights>")
+        local = os.path.expanduser(str(source))
+        # recorded local sources are absolute; a relative name may be a hub id (its loader checks it)
+        if (os.path.isabs(local) or str(source).startswith(".")) and not os.path.exists(local):
+            how = ("as given on the command line" if part["override"] in given
+                   else "as recorded when it was trained")
+            raise MissingSourceError(
+                f"{ckpt_path} leaves out the frozen {name} ({part['prefix']}*): it is rebuilt from its own "
+                f"weights at {source} ({how}), which does not exist. Pass {part['override']}=<the path "
+                f"where those weights are now> (the same weights the run was trained with)")
+
+
+def config_from_checkpoint(ckpt_path: str | Path, overrides: list[str] = (), command_keys: tuple[str, ...] = ()):
+    """The training config stored in a checkpoint, the sources of its omitted parts as it records
+    them, then ``key=value`` overrides, typed and validated by the schema (``config.config_with_overrides``)."""
+    from omegaconf import OmegaConf
+
+    from blip2_train.config import config_with_overrides
 
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     try:
         stored = ckpt["hyper_parameters"]["cfg"]
     except KeyError as err:
         raise ValueError(f"{ckpt_path} has no stored config: is it a blip2_train checkpoint?") from err
-    cfg = OmegaConf.merge(OmegaConf.create(stored), OmegaConf.from_dotlist(list(overrides)))
+    stored = OmegaConf.create(stored)
+    for part in omitted_parts_of(ckpt).values():
+        OmegaConf.update(stored, part["override"], part["source"], merge=False)
+    cfg = config_with_overrides(OmegaConf.to_container(stored), list(overrides), command_keys)
     return cfg, ckpt
 
 
-def module_from_checkpoint(ckpt_path: str | Path, overrides: list[str] = ()):
-    """Rebuild the LightningModule a checkpoint was written by and load its weights (exactly)."""
+def module_from_checkpoint(ckpt_path: str | Path, overrides: list[str] = (), command_keys: tuple[str, ...] = ()):
+    """Rebuild the LightningModule a checkpoint was written by: its omitted frozen parts from their
+    sources (``llm.model=`` / ``encoder.pretrained=`` overrides redirect them), every other weight
+    loaded strictly from the checkpoint."""
     from blip2_train.train import build_module
 
-    cfg, ckpt = config_from_checkpoint(ckpt_path, overrides)
+    cfg, ckpt = config_from_checkpoint(ckpt_path, overrides, command_keys)
+    omitted = omitted_parts_of(ckpt)
+    given = {arg.partition("=")[0]: arg.partition("=")[2] for arg in overrides}
+    check_sources(omitted, cfg, ckpt_path, given)
     module = build_module(cfg)
-    result = module.load_state_dict(ckpt["state_dict"], strict=False)
-    missing = [k for k in result.missing_keys if not (k.startswith("encoder.") and module.encoder_is_rebuildable())]
-    if missing or result.unexpected_keys:
+    state = ckpt["state_dict"]
+    missing, unexpected = state_mismatch(module.state_dict().keys(), state.keys(), omitted)
+    if missing or unexpected:
         raise ValueError(f"{ckpt_path} does not fit the model its config builds: missing {missing[:10]}, "
-                         f"unexpected {result.unexpected_keys[:10]}")
+                         f"unexpected {unexpected[:10]} (left out and rebuilt: {sorted(omitted) or 'nothing'})")
+    module.load_state_dict(state, strict=False)  # strict up to the omitted parts, checked above
     return module.eval(), cfg

@@ -321,3 +321,58 @@ def validate_sources(sources, train_shards) -> None:
             raise ValueError(f"data.sources {source.name}: shards is empty")
     if len(set(names)) != len(names):
         raise ValueError(f"data.sources names must be unique, got {names}")
+
+
+class OverrideError(ValueError):
+    """A ``key=value`` override that the schema refuses (unknown key or wrong type)."""
+
+
+def _check_override_key(cfg, key: str, command_keys: tuple[str, ...]) -> None:
+    """Walk ``key`` down the config; an unknown part fails naming the keys valid at that level."""
+    import difflib
+
+    from omegaconf import DictConfig
+
+    node, path = cfg, []
+    for part in key.split("."):
+        if not isinstance(node, DictConfig):  # a list or a value: the merge checks the rest
+            return
+        if part not in node:
+            where = ".".join(path) or "the top level"
+            names = [str(k) for k in node]
+            own = list(command_keys) if not path else []
+            valid = sorted(names) + [f"{k} (this command's own)" for k in own]
+            close = difflib.get_close_matches(part, names + own, n=1)
+            hint = f" Did you mean {'.'.join(path + close)}?" if close else ""
+            raise OverrideError(f"{key}: {part!r} is not a key of {where}.{hint} Valid keys there: "
+                                f"{', '.join(valid)}")
+        node, path = node[part], path + [part]
+
+
+def config_with_overrides(stored: dict, overrides: list[str] = (), command_keys: tuple[str, ...] = ()):
+    """A stored (resolved) training config, typed by the schema, with ``key=value`` overrides applied
+    and validated as ``train`` validates: what ``evaluate`` / ``export`` / ``generate`` run with.
+
+    An unknown key fails naming the valid keys at that level (and ``command_keys``, the command's own
+    arguments); a value of the wrong type fails naming the key. Keys of the stored config that the
+    schema no longer has (an older checkpoint) are kept as they are."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    cfg = OmegaConf.structured(Blip2Config)
+    OmegaConf.set_struct(cfg, False)
+    cfg = OmegaConf.merge(cfg, stored)
+    OmegaConf.set_struct(cfg, True)
+    overrides = list(overrides)
+    for arg in overrides:
+        key, sep, _ = arg.partition("=")
+        if not sep or not key:
+            raise OverrideError(f"overrides are key=value pairs, got {arg!r}")
+        _check_override_key(cfg, key, command_keys)
+    for arg in overrides:  # one at a time, so that an error names its override
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([arg]))
+        except OmegaConfBaseException as err:
+            raise OverrideError(f"{arg}: {str(err).splitlines()[0]}") from err
+    validate(cfg)
+    return cfg

@@ -2,8 +2,10 @@
 
     python -m blip2_train.consolidate RUN_DIR/checkpoints/last.ckpt OUT.ckpt
 
-The output holds the full ``state_dict`` plus everything Lightning stored beside the shards
-(``hyper_parameters`` with the training config, ``global_step``, ...), without optimizer states:
+The output holds the ``state_dict`` plus everything Lightning stored beside the shards
+(``hyper_parameters`` with the training config, ``global_step``, ...), without optimizer states and,
+as every single-file checkpoint, without the frozen parts rebuilt from their own weights (a
+pretrained frozen encoder, a non-tiny LLM: listed with their sources under ``omitted_parts``):
 ``python -m blip2_train.evaluate ckpt_path=OUT.ckpt`` and ``init_from=OUT.ckpt`` accept it. One
 process, no GPU: the shards are read with ``torch.distributed.checkpoint`` without a process group.
 """
@@ -36,6 +38,17 @@ def consolidate(sharded_dir: str | Path, output: str | Path) -> dict:
     checkpoint = torch.load(sharded_dir / META, map_location="cpu", weights_only=True)
     checkpoint["state_dict"] = tensors["state_dict"]
     checkpoint.pop("optimizer_states", None)
+    # a single file follows the one rule of checkpoints: the frozen parts rebuilt from their own weights
+    # are left out (their sources, resolved when training, recorded)
+    from blip2_train.checkpoint_io import rebuildable_parts
+
+    parts = checkpoint.pop("rebuildable_parts", None)
+    if parts is None:  # written before sharded checkpoints recorded them
+        parts = rebuildable_parts(checkpoint["hyper_parameters"]["cfg"])
+    prefixes = tuple(part["prefix"] for part in parts.values())
+    for key in [k for k in checkpoint["state_dict"] if prefixes and k.startswith(prefixes)]:
+        del checkpoint["state_dict"][key]
+    checkpoint["omitted_parts"] = parts
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
     torch.save(checkpoint, tmp)

@@ -5,7 +5,10 @@
 Stage 1: zero-shot retrieval (ITC, then ITM re-ranking of the top ``retrieval.k_test``), the same
 metric names as training's metrics.json. Stage 2: LM loss and captioning metrics, plus every
 generated caption under ``predictions``. Overrides are dotted keys of the training config that the
-checkpoint carries (for example ``retrieval.k_test=16`` or ``generation.num_beams=1``).
+checkpoint carries (for example ``retrieval.k_test=16`` or ``generation.num_beams=1``), checked
+against the config schema as training checks them. The frozen parts a checkpoint leaves out are
+rebuilt from the weights it names; ``llm.model=DIR`` / ``encoder.pretrained=FILE`` point elsewhere
+when those weights moved.
 """
 
 from __future__ import annotations
@@ -35,15 +38,26 @@ def split_key_values(argv: list[str], own_keys: tuple[str, ...], required: tuple
     return own, overrides
 
 
+OWN_KEYS = ("ckpt_path", "output")
+
+
 def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
-    return split_key_values(argv, ("ckpt_path", "output"), ("ckpt_path",), __doc__)
+    return split_key_values(argv, OWN_KEYS, ("ckpt_path",), __doc__)
+
+
+def user_errors():
+    """The errors a command line's user makes (a misspelt override, weights that moved): a message, no traceback."""
+    from blip2_train.checkpoint_io import MissingSourceError
+    from blip2_train.config import OverrideError
+
+    return OverrideError, MissingSourceError
 
 
 def evaluate(ckpt_path: str, overrides: list[str] = (), output: str | None = None) -> dict:
     from blip2_train.checkpoint_io import module_from_checkpoint
     from blip2_train.train import build_datamodule, resolve_precision
 
-    module, cfg = module_from_checkpoint(ckpt_path, list(overrides))
+    module, cfg = module_from_checkpoint(ckpt_path, list(overrides), OWN_KEYS)
     if not cfg.data.val_shards and cfg.data.name != "synthetic":
         raise SystemExit("data.val_shards=URL is required (a directory of .tar shards or a brace URL)")
     trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=resolve_precision(cfg),
@@ -62,7 +76,10 @@ def evaluate(ckpt_path: str, overrides: list[str] = (), output: str | None = Non
 
 def main(argv: list[str] | None = None) -> None:
     own, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    result = evaluate(own["ckpt_path"], overrides, own.get("output"))
+    try:
+        result = evaluate(own["ckpt_path"], overrides, own.get("output"))
+    except user_errors() as err:
+        raise SystemExit(f"error: {err}") from err
     print(json.dumps(result["metrics"], indent=2))
 
 

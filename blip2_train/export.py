@@ -6,19 +6,21 @@ Stage 1 -> ``Blip2ForImageTextRetrieval``, stage 2 -> ``Blip2ForConditionalGener
 ``Blip2Processor`` (``AutoProcessor.from_pretrained(DIR)``). The temperature and the Q-Former LM head
 go to ``blip2_train_extras.safetensors`` beside them; ``init_from=DIR`` reads everything back.
 ``export.vision=false`` leaves the vision tower out (required for CLIP encoders, whose pre-LayerNorm
-has no place in ``Blip2VisionModel``). Other keys override the config stored in the checkpoint.
+has no place in ``Blip2VisionModel``). Other keys override the config stored in the checkpoint (checked
+against the schema; ``llm.model=DIR`` / ``encoder.pretrained=FILE`` where the frozen weights moved).
 """
 
 from __future__ import annotations
 
 import sys
 
+OWN_KEYS = ("ckpt_path", "output_dir", "export.vision")
+
 
 def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
     from blip2_train.evaluate import split_key_values
 
-    own, overrides = split_key_values(argv, ("ckpt_path", "output_dir", "export.vision"),
-                                      ("ckpt_path", "output_dir"), __doc__)
+    own, overrides = split_key_values(argv, OWN_KEYS, ("ckpt_path", "output_dir"), __doc__)
     vision = own.pop("export.vision", "true")
     if vision.lower() not in ("true", "false"):
         raise SystemExit(f"export.vision must be true or false, got {vision!r}")
@@ -27,10 +29,14 @@ def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from blip2_train.evaluate import user_errors
     from blip2_train.interop.hf_export import export_checkpoint
 
     own, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    out = export_checkpoint(own["ckpt_path"], own["output_dir"], vision=own["vision"], overrides=overrides)
+    try:
+        out = export_checkpoint(own["ckpt_path"], own["output_dir"], vision=own["vision"], overrides=overrides)
+    except user_errors() as err:
+        raise SystemExit(f"error: {err}") from err
     print(f"exported {own['ckpt_path']} -> {out}")
 
 

@@ -34,13 +34,6 @@ class Stage2Module(Blip2Base):
         self.val_samples: list[dict] = []  # written by tracking.ValidationSamples
         self._val: dict = {}
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        if not self.cfg.llm.name.startswith("tiny") and self.device_mesh is None:  # rebuilt from its weights
-            state = checkpoint["state_dict"]
-            for key in [k for k in state if k.startswith("llm.")]:
-                del state[key]
-
     def text_collates(self):
         from blip2_train.data.llm_text import DecoderOnlyCollate, PrefixLMCollate
 

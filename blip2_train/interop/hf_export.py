@@ -104,6 +104,7 @@ def export_module(module, output_dir: str | Path, vision: bool = True) -> Path:
                              use_decoder_only_language_model=module.decoder_only)
         config.qformer_config.use_qformer_text_input = False
         hf = Blip2ForConditionalGeneration(config)
+        _untie_head_like(llm, hf.language_model)
         llm_state = {k: v.detach().float().cpu() for k, v in llm.state_dict().items()}
         target = hf.language_model.state_dict()
         with torch.no_grad():
@@ -137,6 +138,21 @@ def export_module(module, output_dir: str | Path, vision: bool = True) -> Path:
     return output_dir
 
 
+def _untie_head_like(llm, language_model) -> None:
+    """Give ``language_model`` its own LM head when ``llm``'s is not its input embeddings (flan-t5's).
+
+    transformers 5 ties every T5's head to ``shared`` at construction (T5Config forces
+    ``tie_word_embeddings=True``), so copying an untied LLM's weights in would write the head over the
+    embeddings. With a head of its own both are saved, and ``from_pretrained`` keeps them apart (it
+    ties only equal tensors); the config keeps the LLM's ``scale_decoder_outputs``."""
+    head, embed = llm.get_output_embeddings(), llm.get_input_embeddings()
+    if head is None or head.weight.data_ptr() == embed.weight.data_ptr():
+        return
+    target = language_model.get_output_embeddings()
+    if target.weight.data_ptr() == language_model.get_input_embeddings().weight.data_ptr():
+        target.weight = torch.nn.Parameter(target.weight.detach().clone())
+
+
 def _copy_tokenizer(tokenizer, output_dir: Path):
     """A fresh copy of the LLM tokenizer (the processor adds <image> to it; ours stays untouched)."""
     from transformers import AutoTokenizer
@@ -159,6 +175,7 @@ def dict_of(cfg) -> dict:
 def export_checkpoint(ckpt_path: str | Path, output_dir: str | Path, vision: bool = True,
                       overrides: list[str] = ()) -> Path:
     from blip2_train.checkpoint_io import module_from_checkpoint
+    from blip2_train.export import OWN_KEYS
 
-    module, _ = module_from_checkpoint(ckpt_path, list(overrides))
+    module, _ = module_from_checkpoint(ckpt_path, list(overrides), OWN_KEYS)
     return export_module(module.float(), output_dir, vision=vision)
