@@ -101,6 +101,24 @@ def test_a_fine_tuned_encoder_stays_in_the_checkpoint(cache, open_clip_file, ber
     assert checkpoint["omitted_parts"] == {} and "encoder.vit.pos_embed" in checkpoint["state_dict"]
 
 
+def test_resume_checks_every_key_but_the_omitted_parts(cache, open_clip_file, bert_dir, tmp_path):
+    """Resuming loads strictly up to the omitted parts: a weight missing elsewhere, or one too many, stops it."""
+    from blip2_train.stage1 import Stage1Module
+
+    module = Stage1Module(make_cfg(tmp_path, cache, *hub_overrides(open_clip_file, bert_dir)))
+    checkpoint = {"state_dict": dict(module.state_dict())}
+    module.on_save_checkpoint(checkpoint)
+    assert sorted(checkpoint["omitted_parts"]) == ["encoder"]
+    module.on_load_checkpoint(checkpoint)  # the encoder is left out: fine
+    key = "model.qformer.encoder.layer.1.attention.attention.query.weight"
+    value = checkpoint["state_dict"].pop(key)
+    with pytest.raises(ValueError, match=f"missing \\['{key}'\\]"):
+        module.on_load_checkpoint(checkpoint)
+    checkpoint["state_dict"].update({key: value, "model.extra": value})
+    with pytest.raises(ValueError, match="unexpected \\['model.extra'\\]"):
+        module.on_load_checkpoint(checkpoint)
+
+
 def _image(cache, tmp_path):
     shard = next((cache / "synthetic").glob("*/val/*.tar"))
     with tarfile.open(shard) as tar:
