@@ -45,13 +45,20 @@ class AtomicLastCheckpoint(Callback):
         return final
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        # SIGUSR1 is what SLURM sends before a time limit (--signal): save, then requeue.
-        self._requeue = False
-        if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGUSR1"):
-            signal.signal(signal.SIGUSR1, self._on_sigusr1)
+        # SLURM's pre-timeout signal (#SBATCH --signal, which submitit sets to the same signal,
+        # blip2_train.slurm.requeue_signal): save at the end of the step, then requeue. It replaces
+        # submitit's own handler, which would requeue without saving.
+        from blip2_train.slurm import requeue_signal
 
-    def _on_sigusr1(self, signum, frame) -> None:
-        log.info("SIGUSR1: checkpointing at the end of this step, then requeueing")
+        self._requeue = False
+        if threading.current_thread() is threading.main_thread():
+            sig = requeue_signal()
+            signal.signal(sig, self._on_requeue_signal)
+            log.info("on %s (SLURM's pre-timeout signal): checkpoint at the end of the step, then requeue",
+                     sig.name)
+
+    def _on_requeue_signal(self, signum, frame) -> None:
+        log.info("%s: checkpointing at the end of this step, then requeueing", signal.Signals(signum).name)
         self._requeue = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -63,7 +70,8 @@ class AtomicLastCheckpoint(Callback):
             trainer.should_stop = True
             job = os.environ.get("SLURM_JOB_ID")
             if self._requeue and job and trainer.is_global_zero:
-                subprocess.run(["scontrol", "requeue", job], check=False)
+                done = subprocess.run(["scontrol", "requeue", job], check=False)
+                log.info("scontrol requeue %s: exit status %d", job, done.returncode)
         elif periodic and step != self._saved_step:
             self.save(trainer)
 
