@@ -88,10 +88,14 @@ def test_slurm_pre_timeout_signal_checkpoints_at_that_step_and_requeues(tmp_path
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    assert armed.wait(180), "".join(lines)[-3000:]
-    time.sleep(3)  # a few training steps
-    proc.send_signal(requeue_signal())
-    proc.wait(timeout=300)
+    try:
+        assert armed.wait(180), "".join(lines)[-3000:]
+        time.sleep(3)  # a few training steps
+        proc.send_signal(requeue_signal())
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     reader.join(timeout=30)
     out = "".join(lines)
     assert proc.returncode == 0, out[-3000:]
