@@ -169,7 +169,7 @@ def safe_load(path: str | Path, what: str = "checkpoint", **kwargs):
             return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
     except FileNotFoundError:
         raise
-    except Exception as err:  # noqa: BLE001 - UnpicklingError, RuntimeError ("Weights only load failed")
+    except Exception as err:
         raise _refusal(path, err, what) from err
 
 
@@ -208,7 +208,7 @@ def read_dcp_metadata(directory: Path):
             return _dcp_metadata_unpickler(f).load()
     except FileNotFoundError:
         raise
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise _refusal(path, err, "distributed-checkpoint metadata file") from err
 
 

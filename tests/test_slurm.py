@@ -103,6 +103,6 @@ def test_slurm_pre_timeout_signal_checkpoints_at_that_step_and_requeues(tmp_path
     assert stopped, out[-3000:]
     step = int(stopped[0].split("stopping at step ")[1].split()[0])
     saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
-    logged = [int(r["step"]) for r in csv.DictReader(open(run / "logs" / "metrics.csv")) if r.get("train/loss")]
+    logged = [int(r["step"]) for r in csv.DictReader((run / "logs" / "metrics.csv").read_text().splitlines()) if r.get("train/loss")]
     assert 0 < step < 1000 and saved == step and max(logged) + 1 == step, (step, saved, logged[-3:])
     assert calls.read_text().split() == ["requeue", "4242"]
