@@ -106,3 +106,63 @@ class ValidationTracker(Callback):
         self.metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
                         if k.startswith(VAL_PREFIXES)}
         self.last_step = trainer.global_step
+
+
+def _rng_state() -> dict:
+    """This process's random states (torch CPU and current CUDA device, Python, NumPy) as plain data."""
+    import random
+
+    import numpy as np
+    import torch
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+            "python": random.getstate(),
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))}
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+class ResumeRNG(Callback):
+    """Every rank's random states go into the checkpoint; a resumed run restores its rank's just before
+    its first training step, so dropout and the ITM negatives draw what an uninterrupted run draws."""
+
+    def __init__(self):
+        self._pending: list | None = None
+
+    def state_dict(self) -> dict:
+        import torch.distributed as dist
+
+        state = _rng_state()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, state)  # every rank writes a checkpoint's state (dump_checkpoint)
+            return {"rng_states": gathered}
+        return {"rng_states": [state]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._pending = state_dict.get("rng_states")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        states, self._pending = self._pending, None
+        if not states:
+            return
+        if len(states) != trainer.world_size:
+            log.warning("the checkpoint holds random states of %d ranks, this run has %d: not restored (the run "
+                        "continues with fresh draws)", len(states), trainer.world_size)
+            return
+        _set_rng_state(states[trainer.global_rank])

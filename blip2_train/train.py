@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from blip2_train.callbacks import AtomicLastCheckpoint, ValidationTracker
+from blip2_train.callbacks import AtomicLastCheckpoint, ResumeRNG, ValidationTracker
 from blip2_train.config import validate
 from blip2_train.slurm import apply_slurm_topology
 from blip2_train.tracking import Throughput, ValidationSamples
@@ -91,7 +91,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, tracker: ValidationTracker, re
     t = cfg.trainer
     every = cfg.checkpoint.every_n_steps
     callbacks = [AtomicLastCheckpoint(run_dir / "checkpoints", every_n_steps=every), tracker,
-                 Throughput(t.log_every_n_steps), ValidationSamples(run_dir)]
+                 Throughput(t.log_every_n_steps), ValidationSamples(run_dir), ResumeRNG()]
     if t.enable_progress_bar:
         from lightning.pytorch.callbacks import TQDMProgressBar
 
