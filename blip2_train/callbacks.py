@@ -45,13 +45,20 @@ class AtomicLastCheckpoint(Callback):
         return final
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        # SIGUSR1 is what SLURM sends before a time limit (--signal): save, then requeue.
-        self._requeue = False
-        if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGUSR1"):
-            signal.signal(signal.SIGUSR1, self._on_sigusr1)
+        # SLURM's pre-timeout signal (#SBATCH --signal, which submitit sets to the same signal,
+        # blip2_train.slurm.requeue_signal): save at the end of the step, then requeue. It replaces
+        # submitit's own handler, which would requeue without saving.
+        from blip2_train.slurm import requeue_signal
 
-    def _on_sigusr1(self, signum, frame) -> None:
-        log.info("SIGUSR1: checkpointing at the end of this step, then requeueing")
+        self._requeue = False
+        if threading.current_thread() is threading.main_thread():
+            sig = requeue_signal()
+            signal.signal(sig, self._on_requeue_signal)
+            log.info("on %s (SLURM's pre-timeout signal): checkpoint at the end of the step, then requeue",
+                     sig.name)
+
+    def _on_requeue_signal(self, signum, frame) -> None:
+        log.info("%s: checkpointing at the end of this step, then requeueing", signal.Signals(signum).name)
         self._requeue = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -63,7 +70,8 @@ class AtomicLastCheckpoint(Callback):
             trainer.should_stop = True
             job = os.environ.get("SLURM_JOB_ID")
             if self._requeue and job and trainer.is_global_zero:
-                subprocess.run(["scontrol", "requeue", job], check=False)
+                done = subprocess.run(["scontrol", "requeue", job], check=False)
+                log.info("scontrol requeue %s: exit status %d", job, done.returncode)
         elif periodic and step != self._saved_step:
             self.save(trainer)
 
@@ -98,3 +106,63 @@ class ValidationTracker(Callback):
         self.metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
                         if k.startswith(VAL_PREFIXES)}
         self.last_step = trainer.global_step
+
+
+def _rng_state() -> dict:
+    """This process's random states (torch CPU and current CUDA device, Python, NumPy) as plain data."""
+    import random
+
+    import numpy as np
+    import torch
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+            "python": random.getstate(),
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))}
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+class ResumeRNG(Callback):
+    """Every rank's random states go into the checkpoint; a resumed run restores its rank's just before
+    its first training step, so dropout and the ITM negatives draw what an uninterrupted run draws."""
+
+    def __init__(self):
+        self._pending: list | None = None
+
+    def state_dict(self) -> dict:
+        import torch.distributed as dist
+
+        state = _rng_state()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, state)  # every rank writes a checkpoint's state (dump_checkpoint)
+            return {"rng_states": gathered}
+        return {"rng_states": [state]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._pending = state_dict.get("rng_states")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        states, self._pending = self._pending, None
+        if not states:
+            return
+        if len(states) != trainer.world_size:
+            log.warning("the checkpoint holds random states of %d ranks, this run has %d: not restored (the run "
+                        "continues with fresh draws)", len(states), trainer.world_size)
+            return
+        _set_rng_state(states[trainer.global_rank])

@@ -249,3 +249,180 @@ def module_from_checkpoint(ckpt_path: str | Path, overrides: list[str] = (), com
                          f"unexpected {unexpected[:10]} (left out and rebuilt: {sorted(omitted) or 'nothing'})")
     module.load_state_dict(state, strict=False)  # strict up to the omitted parts, checked above
     return module.eval(), cfg
+
+
+# ------------------------------------------------------------------------------------ resume
+# Resuming reads run_dir/checkpoints/last.ckpt, which lives on a shared filesystem: it is read as
+# data (torch.load(weights_only=True)), never as code. A Lightning checkpoint of blip2_train holds
+# tensors, dicts, lists, tuples, numbers and strings (model, optimizer, scheduler, loops, callbacks,
+# hyper-parameters as a plain dict, per-rank RNG states as tensors and tuples), all of which torch's
+# weights_only unpickler allows by itself; anything a run adds must be listed here.
+CHECKPOINT_SAFE_GLOBALS: list = []
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint that holds something other than what a Lightning checkpoint holds."""
+
+
+def _refusal(path, err: BaseException, what: str = "checkpoint") -> UnsafeCheckpointError:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    # torch's message opens with a paragraph about its defaults; the line that says what was found matters
+    reason = next((line for line in lines if "GLOBAL" in line or "nsupported" in line),
+                  lines[0] if lines else "unreadable")
+    return UnsafeCheckpointError(
+        f"refused to load {path}: it is not a plain {what} ({err.__class__.__name__}: {reason[:300]}). "
+        f"Checkpoints are read with torch.load(weights_only=True) and an allow-list of what a Lightning "
+        f"checkpoint holds, so that a file on a shared filesystem cannot run code; one written by blip2_train "
+        f"always passes. Move it out of the run directory to start afresh, or resume from a checkpoint you trust.")
+
+
+def safe_load(path: str | Path, what: str = "checkpoint", **kwargs):
+    """``torch.load`` of a checkpoint file (or a file object) as data only; a clear error naming it otherwise."""
+    try:
+        with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        raise _refusal(path, err, what) from err
+
+
+# What a torch.distributed.checkpoint ``.metadata`` file is made of (module, name): its dataclasses and
+# enum, shapes, dtypes (any ``torch.<dtype>``), layouts and the checkpoint's path.
+DCP_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+     ("pathlib", "PurePosixPath")}
+
+
+def _dcp_metadata_unpickler(f):
+    import pickle
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module, name):
+            allowed = (module, name) in DCP_METADATA_GLOBALS or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+            if not allowed:
+                raise pickle.UnpicklingError(f"Unsupported global: {module}.{name} is not part of a "
+                                             f"distributed-checkpoint metadata file")
+            return super().find_class(module, name)
+
+    return Restricted(f)
+
+
+def read_dcp_metadata(directory: Path):
+    """A sharded checkpoint's ``.metadata``, a pickle torch reads with plain ``pickle.load``, read by an
+    unpickler that allows only the classes that file is made of (``DCP_METADATA_GLOBALS``)."""
+    path = Path(directory) / ".metadata"
+    try:
+        with open(path, "rb") as f:
+            return _dcp_metadata_unpickler(f).load()
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        raise _refusal(path, err, "distributed-checkpoint metadata file") from err
+
+
+def verify_sharded_checkpoint(directory: str | Path) -> None:
+    """Refuse a sharded (FSDP) checkpoint directory unless every part torch would unpickle is data:
+    ``meta.pt``, ``.metadata`` and each non-tensor entry of the shard files (which torch's
+    distributed checkpoint reader loads with ``weights_only=False``). Tensor entries are read by torch
+    with ``weights_only=True`` already."""
+    import io
+
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    directory = Path(directory)
+    missing = [name for name in ("meta.pt", ".metadata") if not (directory / name).is_file()]
+    if missing:
+        raise UnsafeCheckpointError(
+            f"{directory} is not a checkpoint: a sharded (FSDP) checkpoint directory holds meta.pt, .metadata "
+            f"and __<rank>_0.distcp shard files, this one lacks {missing}")
+    safe_load(directory / "meta.pt")
+    meta = read_dcp_metadata(directory)
+    for index, info in meta.storage_data.items():
+        if not isinstance(meta.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+            continue
+        shard = directory / info.relative_path
+        if info.transform_descriptors:
+            raise UnsafeCheckpointError(f"refused to load {shard}: entry {index.fqn} is stored with transforms "
+                                        f"{list(info.transform_descriptors)}, which blip2_train never writes")
+        with open(shard, "rb") as f:
+            f.seek(info.offset)
+            data = io.BytesIO(f.read(info.length))
+        safe_load(data, what=f"checkpoint shard (entry {index.fqn} of {shard})")
+
+
+class _SafeDCPReads:
+    """While loading a sharded checkpoint, torch's distributed checkpoint reads ``.metadata`` and the
+    shards' non-tensor entries as data only (it would unpickle them with ``pickle.load`` /
+    ``torch.load(weights_only=False)``)."""
+
+    def __enter__(self):
+        import io
+        import types
+
+        from torch.distributed.checkpoint import default_planner, filesystem
+
+        self._planner, self._filesystem = default_planner.DefaultLoadPlanner, filesystem
+        self._load_bytes = default_planner.DefaultLoadPlanner.load_bytes
+        self._pickle = filesystem.pickle
+        real_load_bytes = self._load_bytes
+
+        def load_bytes(planner, read_item, value):
+            obj = safe_load(value, what=f"checkpoint shard entry {read_item.dest_index.fqn}")
+            value = io.BytesIO()
+            torch.save(obj, value)  # the checked object, handed over in the form torch expects
+            value.seek(0)
+            real_load_bytes(planner, read_item, value)
+
+        def safe_pickle_load(f, **_):
+            return _dcp_metadata_unpickler(f).load()
+
+        shim = types.SimpleNamespace(**{k: getattr(self._pickle, k) for k in dir(self._pickle)
+                                        if not k.startswith("__")})
+        shim.load = safe_pickle_load
+        filesystem.pickle = shim
+        default_planner.DefaultLoadPlanner.load_bytes = load_bytes
+        return self
+
+    def __exit__(self, *exc):
+        self._filesystem.pickle = self._pickle
+        self._planner.load_bytes = self._load_bytes
+        return False
+
+
+def safe_dcp_reads() -> _SafeDCPReads:
+    return _SafeDCPReads()
+
+
+def resume_step(path: str | Path) -> int:
+    """The global step of ``run_dir/checkpoints/last.ckpt`` (a file, or a sharded directory whose
+    ``meta.pt`` holds everything but the tensors), read as data only; anything else is refused."""
+    path = Path(path)
+    if path.is_dir():
+        verify_sharded_checkpoint(path)
+        checkpoint = safe_load(path / "meta.pt")
+    elif path.is_file():
+        checkpoint = safe_load(path)
+    else:
+        raise UnsafeCheckpointError(f"{path} is neither a checkpoint file nor a sharded checkpoint directory")
+    if not isinstance(checkpoint, dict) or "global_step" not in checkpoint:
+        raise UnsafeCheckpointError(f"{path} is not a Lightning checkpoint (no global_step in it)")
+    return int(checkpoint["global_step"])
+
+
+def safe_checkpoint_io():
+    """Lightning's checkpoint IO with loads as data only (``safe_load``)."""
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    class SafeCheckpointIO(TorchCheckpointIO):
+        def load_checkpoint(self, path, map_location=None, weights_only=None):
+            if Path(path).is_dir():
+                raise UnsafeCheckpointError(f"{path} is a directory: a sharded checkpoint needs trainer=fsdp")
+            return safe_load(path)
+
+    return SafeCheckpointIO()

@@ -55,6 +55,33 @@ class FSDP2Strategy(ModelParallelStrategy):
         self._tensor_parallel_size = 1
         super().setup_environment()
 
+    def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
+        """Resume as data only: a sharded directory's meta.pt, .metadata and every non-tensor shard entry
+        are checked first (``checkpoint_io.verify_sharded_checkpoint``), and torch's distributed reader
+        runs with safe reads; a single file is read with ``weights_only=True`` and the allow-list."""
+        from pathlib import Path
+
+        from blip2_train.checkpoint_io import (
+            CHECKPOINT_SAFE_GLOBALS,
+            UnsafeCheckpointError,
+            _refusal,
+            safe_dcp_reads,
+            verify_sharded_checkpoint,
+        )
+
+        path = Path(self.broadcast(checkpoint_path))
+        if path.is_dir():
+            verify_sharded_checkpoint(path)
+        try:
+            with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS), safe_dcp_reads():
+                return super().load_checkpoint(path, weights_only=True)
+        except UnsafeCheckpointError:
+            raise
+        except Exception as err:
+            if "Weights only load failed" in str(err) or "Unsupported global" in str(err):
+                raise _refusal(path, err) from err
+            raise
+
 
 def transformer_blocks(module: nn.Module) -> list[nn.Module]:
     """The blocks of the outermost ``nn.ModuleList`` s named like a block list under ``module`` (not

@@ -15,9 +15,26 @@ from SLURM's environment when the run is a SLURM job started by submitit.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from omegaconf import DictConfig, OmegaConf, open_dict
+
+
+def requeue_signal() -> signal.Signals:
+    """The signal SLURM sends before a job's time limit: the one submitit puts in ``#SBATCH --signal``
+    (``SIG`` + ``$SUBMITIT_PREEMPT_SIGNAL``, USR2 unless set; ``hydra.launcher.signal_delay_s`` seconds
+    ahead). The checkpoint callback saves and requeues on it, so the two cannot disagree."""
+    try:
+        from submitit import JobEnvironment
+
+        name = JobEnvironment.USR_SIG  # what submitit's sbatch line and its own handler use
+    except ImportError:  # submitit not installed: its default
+        name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    sig = getattr(signal, "SIG" + name, None)
+    if sig is None:
+        raise ValueError(f"SUBMITIT_PREEMPT_SIGNAL={name} names no signal; use USR2 (submitit's default) or USR1")
+    return sig
 
 
 def apply_slurm_topology(cfg: DictConfig, env=os.environ) -> bool:

@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from blip2_train.callbacks import AtomicLastCheckpoint, ValidationTracker
+from blip2_train.callbacks import AtomicLastCheckpoint, ResumeRNG, ValidationTracker
 from blip2_train.config import validate
 from blip2_train.slurm import apply_slurm_topology
 from blip2_train.tracking import Throughput, ValidationSamples
@@ -86,10 +86,12 @@ def build_loggers(cfg: DictConfig, run_dir: Path, resumed_from: int = 0) -> list
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, tracker: ValidationTracker, resumed_from: int = 0) -> L.Trainer:
+    from blip2_train.checkpoint_io import safe_checkpoint_io
+
     t = cfg.trainer
     every = cfg.checkpoint.every_n_steps
     callbacks = [AtomicLastCheckpoint(run_dir / "checkpoints", every_n_steps=every), tracker,
-                 Throughput(t.log_every_n_steps), ValidationSamples(run_dir)]
+                 Throughput(t.log_every_n_steps), ValidationSamples(run_dir), ResumeRNG()]
     if t.enable_progress_bar:
         from lightning.pytorch.callbacks import TQDMProgressBar
 
@@ -104,6 +106,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, tracker: ValidationTracker, re
         deterministic=t.deterministic, enable_progress_bar=t.enable_progress_bar,
         enable_checkpointing=False, logger=build_loggers(cfg, run_dir, resumed_from), callbacks=callbacks,
         default_root_dir=str(run_dir), use_distributed_sampler=False,
+        plugins=[safe_checkpoint_io()],  # resuming reads last.ckpt as data only (checkpoint_io.safe_load)
     )
 
 
@@ -124,9 +127,11 @@ def build_strategy(cfg: DictConfig):
 
 def checkpoint_step(path: Path) -> int:
     """The global step a checkpoint was written at: a ``.ckpt`` file, or a sharded (FSDP) checkpoint
-    directory, whose ``meta.pt`` holds everything but the tensors."""
-    meta = path / "meta.pt" if path.is_dir() else path
-    return int(torch.load(meta, map_location="cpu", weights_only=True).get("global_step", 0))
+    directory, whose ``meta.pt`` holds everything but the tensors. Read as data only; a file that holds
+    anything else is refused with an error naming it (``checkpoint_io.resume_step``)."""
+    from blip2_train.checkpoint_io import resume_step
+
+    return resume_step(path)
 
 
 def write_metrics(run_dir: Path, metrics: dict, global_step: int, extra: dict) -> dict:
@@ -168,7 +173,7 @@ def train(cfg: DictConfig) -> dict:
     trainer = build_trainer(cfg, run_dir, tracker, resumed_from)
     datamodule = build_datamodule(cfg, module, trainer.world_size)
     if cfg.trainer.max_steps > 0:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
     if tracker.last_step != trainer.global_step or not tracker.metrics:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     if cfg.trainer.max_steps == 0 and trainer.is_global_zero:

@@ -71,12 +71,24 @@ def test_text_pass_ignores_image_and_padding():
 
 
 def test_itm_logits_average_over_queries():
+    """ITM logits = the mean over the Q query outputs of the ITM head (LAVIS: ``itm_head(vl_embeddings)
+    .mean(dim=1)`` over ``output_itm.last_hidden_state[:, :Q]``), from the full joint pass."""
+    from blip2_train.models.qformer import itm_mask
+
     model = make_model()
     image, ids, mask = inputs()
     with torch.no_grad():
-        logits = model.itm_logits(model.encode_image(image), ids, mask)
-    assert logits.shape == (3, 2)
-    assert torch.isfinite(logits).all()
+        embeds = model.encode_image(image)
+        logits = model.itm_logits(embeds, ids, mask)
+        hidden = model.joint_forward(embeds, ids, itm_mask(mask, model.num_query_tokens))  # [B, Q+T, H]
+        per_query = model.itm_head(hidden[:, :model.num_query_tokens])  # [B, Q, 2]
+    assert logits.shape == (3, 2) and per_query.shape == (3, 8, 2)
+    torch.testing.assert_close(logits, per_query.mean(dim=1), rtol=0, atol=1e-6)
+    # the queries' outputs differ, so neither one query nor the text positions would give these numbers
+    assert (per_query - per_query.mean(dim=1, keepdim=True)).abs().amax() > 1e-3
+    assert (logits - per_query[:, 0]).abs().amax() > 1e-4
+    text_mean = model.itm_head(hidden[:, model.num_query_tokens:]).mean(dim=1)
+    assert (logits - text_mean).abs().amax() > 1e-4
 
 
 def test_lm_head_tied_to_word_embeddings():

@@ -55,6 +55,12 @@ class PrefixLMCollate:
         self.deterministic = deterministic
         self._rng: random.Random | None = None
 
+    def start_stream(self, rank: int, worker: int, epoch: int) -> None:
+        """A new training stream (an epoch of one worker of one rank, ``BatchSamples``): its own draws,
+        so that a resumed run splits as an uninterrupted one does."""
+        self._rng = random.Random(f"{self.seed}-{worker}" if rank == 0 and epoch == 0  # the earlier name
+                                  else f"{self.seed}-{rank}-{worker}-{epoch}")
+
     def _generator(self, caption: str) -> random.Random:
         if self.deterministic:
             return random.Random(zlib.crc32(caption.encode()) ^ self.seed)

@@ -154,13 +154,37 @@ class SkipCounter:
 
 
 class DecodeSamples:
-    """Raw tar samples -> ``{image [3,H,W], caption, image_id, key}``; bad ones skipped and counted."""
+    """Raw tar samples -> ``{image [3,H,W], caption, image_id, key}``; bad ones skipped and counted.
 
-    def __init__(self, transform: Callable, max_words: int, counter: SkipCounter, finite: bool):
+    Random augmentations draw from a torch generator state of their own, seeded per (seed, rank,
+    worker, epoch), never from the process's global one: the crops of an epoch do not depend on
+    the dropout or ITM draws of the training step around them, so a resumed run draws the same
+    crops as an uninterrupted one (and decoding in the main process leaves the training draws alone).
+    """
+
+    def __init__(self, transform: Callable, max_words: int, counter: SkipCounter, finite: bool,
+                 seed: int | str = 0, rank: int = 0):
         self.transform, self.max_words, self.counter, self.finite = transform, max_words, counter, finite
+        self.seed, self.rank = seed, rank
+        self.epoch = 0  # lives in the (persistent) worker: each epoch draws new crops
+
+    def _rng_state(self) -> torch.Tensor:
+        info = torch.utils.data.get_worker_info()
+        name = f"augment-{self.seed}-{self.rank}-{info.id if info else 0}-{self.epoch}"
+        self.epoch += 1
+        return torch.Generator().manual_seed(stable_id(name)).get_state()
+
+    def _transform(self, image, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outer = torch.get_rng_state()
+        torch.set_rng_state(state)
+        try:
+            return self.transform(image), torch.get_rng_state()
+        finally:
+            torch.set_rng_state(outer)
 
     def __call__(self, samples: Iterator[dict]) -> Iterator[dict]:
         counter = self.counter
+        state = self._rng_state()
         for sample in samples:
             key, url = sample.get("__key__"), sample.get("__url__")
             image_ext = next((e for e in IMAGE_EXTS if e in sample), None)
@@ -171,7 +195,7 @@ class DecodeSamples:
                 continue
             try:
                 with Image.open(io.BytesIO(sample[image_ext])) as image:
-                    pixels = self.transform(image.convert("RGB"))  # [3, H, W]
+                    pixels, state = self._transform(image.convert("RGB"), state)  # [3, H, W]
             except Exception as err:  # noqa: BLE001 - PIL raises many types for broken files
                 counter.skip(f"undecodable image ({err.__class__.__name__}: {err})", url, key)
                 continue
@@ -285,8 +309,13 @@ class BatchSamples:
     fields, image_id [B], key, caption, num_skipped [], and source [B] when sources are mixed."""
 
     def __init__(self, batch_size: int, text_collate: Callable, counter: SkipCounter | CounterGroup,
-                 partial: bool):
+                 partial: bool, rank: int = 0):
         self.batch_size, self.text_collate, self.counter, self.partial = batch_size, text_collate, counter, partial
+        self.rank = rank
+        self.epoch = 0
+        # resume: the first stream leaves out the batches of the epoch a run had already trained on
+        # (this many over all workers; set before the workers start, used once)
+        self.skip_batches = 0
 
     def collate(self, samples: list[dict]) -> dict:
         captions = [s["caption"] for s in samples]
@@ -306,11 +335,23 @@ class BatchSamples:
         return batch
 
     def __call__(self, samples: Iterator[dict]) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        start = getattr(self.text_collate, "start_stream", None)  # seeded per stream (PrefixLMCollate)
+        if start is not None:
+            start(self.rank, worker, self.epoch)
+        self.epoch += 1
+        # the loader takes batches from its workers in turn: batch j of an epoch is worker j % workers'
+        skip, self.skip_batches = len(range(worker, self.skip_batches, workers)), 0
         chunk = []
         for sample in samples:
             chunk.append(sample)
             if len(chunk) == self.batch_size:
-                yield self.collate(chunk)
+                if skip:  # decoded as before (the same augmentation draws), not collated or handed on
+                    skip -= 1
+                    self.counter.take()
+                else:
+                    yield self.collate(chunk)
                 chunk = []
         if chunk and self.partial:
             yield self.collate(chunk)

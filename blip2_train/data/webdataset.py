@@ -23,6 +23,7 @@ import glob
 import logging
 import os
 from collections.abc import Callable
+from itertools import islice
 
 import lightning as L
 import torch
@@ -147,13 +148,26 @@ class Blip2DataModule(L.LightningDataModule):
             counter = SkipCounter()
             stages = self._sample_stages(self.train_urls, self.seed, rank, world, counter, cfg.shuffle_buffer,
                                          transform, "")
-        pipeline = wds.DataPipeline(*stages, BatchSamples(cfg.batch_size, self.train_text_collate, counter,
-                                                          partial=False))
-        # batch_size=None: batches are collated in the workers, the main process only forwards them
+        batcher = BatchSamples(cfg.batch_size, self.train_text_collate, counter, partial=False, rank=rank)
+        pipeline = wds.DataPipeline(*stages, batcher)
+        # batch_size=None: batches are collated in the workers, the main process only forwards them.
+        # Workers are started per epoch (not persistent), so each gets the epoch and resume position the
+        # main process set on the stages (EpochLoader); the loader's worker seeds come from its own
+        # generator, not from the global RNG the training draws from.
         workers = cfg.num_workers
-        loader = wds.WebLoader(pipeline, batch_size=None, num_workers=workers,
-                               persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
-        return loader.with_epoch(self.batches_per_epoch(world))
+        loader = wds.WebLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=False,
+                               pin_memory=torch.cuda.is_available(),
+                               generator=torch.Generator().manual_seed(self.seed + 7919 * rank))
+        return EpochLoader(loader, self.batches_per_epoch(world), pipeline, self._batches_trained)
+
+    def _batches_trained(self) -> int | None:
+        """Training batches the attached trainer has trained on over the whole run (restored from the
+        checkpoint when resuming: ``processed`` counts the batch a checkpoint was written after); None
+        without a trainer."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return None
+        return trainer.fit_loop.epoch_loop.batch_progress.total.processed
 
     def _sample_stages(self, urls: list[str], seed, rank: int, world: int, counter: SkipCounter, buffer: int,
                        transform: Callable, of_source: str) -> list:
@@ -183,7 +197,7 @@ class Blip2DataModule(L.LightningDataModule):
                             "(set data.train_augment=false to say so)")
             decode = LookupFeatures(self.cfg.feature_cache, self.encoder_signature, self.cfg.max_words, counter)
         else:
-            decode = DecodeSamples(transform, self.cfg.max_words, counter, finite=False)
+            decode = DecodeSamples(transform, self.cfg.max_words, counter, finite=False, seed=seed, rank=rank)
         return [
             shards,
             counter.watch_shards,
@@ -210,4 +224,52 @@ class Blip2DataModule(L.LightningDataModule):
         )
         workers = min(1, cfg.num_workers)  # one worker at most: samples arrive in shard order
         return wds.WebLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                             pin_memory=torch.cuda.is_available())
+                             pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(self.seed))
+
+
+class EpochLoader:
+    """The endless training loader cut into epochs of ``batches`` batches; each epoch restarts the
+    stream, whose stages draw their order, crops and mixing per (seed, rank, worker, epoch).
+
+    The stream is one fixed sequence of epochs whatever Lightning calls its epochs (a stop ends one
+    early; a resumed fit asks for a new iterator twice before its first step): each ``iter()`` starts
+    at the position ``trained()`` gives, the number of batches trained on so far. A run resumed from
+    a checkpoint therefore continues where it was written: its first epoch is the interrupted one, less
+    the batches already trained on, which the workers read and drop (the same decoding and augmentation
+    draws as before), so the resumed run sees the batches an uninterrupted one would.
+    """
+
+    def __init__(self, loader, batches: int, pipeline, trained: Callable[[], int | None]):
+        self.loader, self.batches, self.pipeline, self.trained = loader, batches, pipeline, trained
+        self._iters = 0  # without a trainer: each iter() is the next epoch
+
+    def _stages(self) -> list:
+        """Every stage object with an epoch counter, sources' pipelines included."""
+        found, todo = [], list(self.pipeline.pipeline)
+        while todo:
+            stage = todo.pop()
+            target = getattr(stage, "__self__", stage)  # bound methods (SkipCounter.watch_shards)
+            if isinstance(target, wds.DataPipeline):
+                todo.extend(target.pipeline)
+            elif isinstance(target, MixSources):
+                todo.extend(target.streams)
+            if hasattr(target, "epoch") and all(target is not f for f in found):
+                found.append(target)
+        return found
+
+    def position(self) -> tuple[int, int]:
+        """(epoch, batches of it already trained on) where the next ``iter()`` starts."""
+        trained = self.trained()
+        if trained is None:
+            return self._iters, 0
+        return divmod(trained, self.batches)
+
+    def __iter__(self):
+        epoch, done = self.position()
+        self._iters += 1
+        for stage in self._stages():
+            # webdataset's ResampledShards counts from -1 and adds one before each stream
+            stage.epoch = epoch - 1 if isinstance(stage, wds.ResampledShards) else epoch
+            if isinstance(stage, BatchSamples):
+                stage.skip_batches = done
+        return islice(iter(self.loader), self.batches - done)
