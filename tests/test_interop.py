@@ -22,11 +22,6 @@ def make_cfg(run_dir, cache, *overrides):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def stage1_run(tmp_path_factory, cache):
     from blip2_train.train import train
 

@@ -1,0 +1,19 @@
+"""Fixtures shared by the test modules."""
+
+import socket
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A cache_dir per test module: synthetic shards and tiny tokenizers, built once per module."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def free_port():
+    """A TCP port free on 127.0.0.1 now, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
