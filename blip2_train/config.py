@@ -124,7 +124,7 @@ class DataConfig:
 
     name: str = "webdataset"  # a preset of conf/data/
     train_shards: str | None = None  # brace-expanded URL(s) or a directory of .tar files
-    # several training sources mixed by weight, instead of train_shards (README, "Mixing sources")
+    # several training sources mixed by weight, instead of train_shards (docs/data.md, "Mixing sources")
     sources: list[DataSourceConfig] = field(default_factory=list)
     val_shards: str | None = None
     batch_size: int = 32  # per device
@@ -161,7 +161,7 @@ class TrainerConfig:
     max_nonfinite_steps: int = 10
     compile: bool = False
     # torch.compile's mode when compile is true: reduce-overhead replays the compiled Q-Former as CUDA
-    # graphs (one recorded per input shape), for a step bound by kernel launches (README, MFU).
+    # graphs (one recorded per input shape), for a step bound by kernel launches (docs/benchmarks.md, MFU).
     compile_mode: str = "default"
     deterministic: bool = False
     enable_progress_bar: bool = True

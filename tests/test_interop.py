@@ -287,7 +287,7 @@ def test_init_from_a_transformers_directory_not_written_by_us(cache, tmp_path, c
         query = hub_like.qformer(query_embeds=hub_like.query_tokens.expand(2, -1, -1),
                                  encoder_hidden_states=image_embeds).last_hidden_state
         theirs = hub_like.language_projection(query)
-    hub_like.vision_model.post_layernorm.eps = module.model.ln_vision.eps  # see the README: the one eps
+    hub_like.vision_model.post_layernorm.eps = module.model.ln_vision.eps  # see docs/interop.md: the one eps
     with torch.no_grad():
         query = hub_like.qformer(query_embeds=hub_like.query_tokens.expand(2, -1, -1),
                                  encoder_hidden_states=hub_like.vision_model(images).last_hidden_state)
