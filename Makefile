@@ -27,6 +27,9 @@ test: $(STAMP) ## run the default test suite (not the slow tests)
 test-all: $(STAMP) ## run every test, slow ones included
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+wheel-check: $(STAMP) ## build the wheel, install it (not editable) in a fresh venv, train 5 steps elsewhere
+	.ci/wheel-check $(PY)
+
 lint: $(STAMP) ## ruff
 	$(PY) -m ruff check blip2_train tests data_recipes
 
@@ -40,4 +43,4 @@ bench-gpu: $(STAMP) ## on a GPU: stage 1 from images through the frozen EVA ViT-
 clean: ## remove run outputs and caches (keeps .venv)
 	rm -rf runs outputs multirun .pytest_cache .ruff_cache
 
-.PHONY: help install demo test test-all lint bench bench-gpu clean
+.PHONY: help install demo test test-all wheel-check lint bench bench-gpu clean

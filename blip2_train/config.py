@@ -2,12 +2,14 @@
 
 Every YAML file under ``conf/`` is validated against these dataclasses (registered in Hydra's
 ConfigStore as the schema of the primary config), so a misspelt key or a value of the wrong type
-fails at composition time. Group choices that Hydra cannot check (the ``name`` fields) are checked
-by :func:`validate`, which names the valid values.
+fails at composition time. Checks that Hydra cannot make are :func:`validate`'s, which names the
+valid values: a group's ``name`` field must be one of the group's YAML files (read from the tree,
+never listed in Python), other enumerations are in :data:`VALID`.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +23,7 @@ from omegaconf import MISSING
 class EncoderConfig:
     """The frozen image encoder (open_clip)."""
 
-    name: str = MISSING  # eva | clip | tiny_eva | tiny_clip
+    name: str = MISSING  # a preset of conf/encoder/ (its file name)
     model_name: str = MISSING  # open_clip architecture, e.g. EVA01-g-14
     pretrained: str | None = None  # open_clip tag, a local file, or null for random init
     image_size: int = 224
@@ -120,9 +122,9 @@ class DataSourceConfig:
 class DataConfig:
     """webdataset shards (img2dataset layout) or the embedded synthetic set."""
 
-    name: str = "webdataset"  # webdataset | synthetic
+    name: str = "webdataset"  # a preset of conf/data/
     train_shards: str | None = None  # brace-expanded URL(s) or a directory of .tar files
-    # several training sources mixed by weight, instead of train_shards (README, "Mixing sources")
+    # several training sources mixed by weight, instead of train_shards (docs/data.md, "Mixing sources")
     sources: list[DataSourceConfig] = field(default_factory=list)
     val_shards: str | None = None
     batch_size: int = 32  # per device
@@ -144,7 +146,7 @@ class DataConfig:
 class TrainerConfig:
     """Passed (mostly) straight to lightning.Trainer."""
 
-    name: str = "default"  # default | cpu | gpu | ddp | fsdp
+    name: str = "default"  # a preset of conf/trainer/
     accelerator: str = "auto"
     devices: Any = "auto"
     num_nodes: int = 1
@@ -159,7 +161,7 @@ class TrainerConfig:
     max_nonfinite_steps: int = 10
     compile: bool = False
     # torch.compile's mode when compile is true: reduce-overhead replays the compiled Q-Former as CUDA
-    # graphs (one recorded per input shape), for a step bound by kernel launches (README, MFU).
+    # graphs (one recorded per input shape), for a step bound by kernel launches (docs/benchmarks.md, MFU).
     compile_mode: str = "default"
     deterministic: bool = False
     enable_progress_bar: bool = True
@@ -167,7 +169,7 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "csv"  # csv | tensorboard | wandb | none
+    name: str = "csv"  # a preset of conf/logger/
     project: str = "blip2_train"
     offline: bool = True  # wandb: offline unless WANDB_MODE or an API key says otherwise
 
@@ -187,7 +189,7 @@ class CheckpointConfig:
 class LLMConfig:
     """Frozen language model of stage 2 (filled in by the llm group)."""
 
-    name: str = "none"  # opt | flant5 | tiny_opt | tiny_t5 | none
+    name: str = "none"  # a preset of conf/llm/
     kind: str = "none"  # decoder | encoder_decoder
     model: str | None = None  # hub id or local dir
     precision: str = "bf16"
@@ -230,18 +232,36 @@ class Blip2Config:
     requires_init_from: bool = False  # recipes that continue a stage-1 run set it
 
 
-#: The Hydra config tree (override with BLIP2_CONF_DIR for an installed copy elsewhere).
-CONF_DIR = Path(os.environ.get("BLIP2_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
+def conf_dir() -> Path:
+    """The Hydra config tree: ``$BLIP2_CONF_DIR`` when set, else the package's own ``blip2_train/conf``
+    (in a wheel the shipped copy; in a checkout a symlink to the repository's ``conf/``)."""
+    override = os.environ.get("BLIP2_CONF_DIR")
+    if override:
+        return Path(override)
+    packaged = Path(str(importlib.resources.files("blip2_train") / "conf"))
+    if packaged.is_dir():
+        return packaged.resolve()
+    return Path(__file__).resolve().parent.parent / "conf"  # a checkout made without symlinks
 
+
+#: The config tree this process composes from (fixed at import; see :func:`conf_dir`).
+CONF_DIR = conf_dir()
+
+#: Config groups whose presets carry a ``name`` field: the valid names are the group's YAML files, so
+#: adding a preset is adding a file (see :func:`group_choices`).
+NAMED_GROUPS = ("stage", "encoder", "data", "trainer", "logger", "llm")
+
+
+def group_choices(group: str, conf: str | os.PathLike | None = None) -> tuple[str, ...]:
+    """The presets of config group ``group``: the YAML file names under ``<conf tree>/<group>/``, sorted."""
+    directory = Path(conf if conf is not None else conf_dir()) / group
+    return tuple(sorted(path.stem for path in directory.glob("*.yaml")))
+
+
+#: Fields whose values are a fixed enumeration in code, not a config group.
 VALID = {
-    "encoder.name": ("eva", "clip", "tiny_eva", "tiny_clip"),
     "encoder.precision": ("fp32", "fp16", "bf16"),
-    "stage.name": (1, 2),
-    "data.name": ("webdataset", "synthetic"),
-    "trainer.name": ("default", "cpu", "gpu", "ddp", "fsdp"),
     "trainer.strategy": ("auto", "ddp", "fsdp"),
-    "logger.name": ("csv", "tensorboard", "wandb", "none"),
-    "llm.name": ("none", "opt", "flant5", "tiny_opt", "tiny_t5"),
     "llm.precision": ("fp32", "fp16", "bf16"),
     "qformer.impl": ("fast", "hf"),
     "qformer.dropout_masks": ("packed", "torch"),
@@ -275,6 +295,13 @@ def validate(cfg) -> None:
     if cfg.requires_init_from and not cfg.init_from:
         raise ValueError(f"experiment {cfg.experiment_name} starts from a stage-1 checkpoint: add "
                          f"init_from=runs/<stage1>/checkpoints/last.ckpt")
+    conf = conf_dir()
+    for group in NAMED_GROUPS:
+        value = OmegaConf.select(cfg, f"{group}.name")
+        valid = group_choices(group, conf)
+        if str(value) not in valid:
+            raise ValueError(f"{group}.name={value!r} is not a preset of {conf / group}; choose one of: "
+                             f"{', '.join(valid)} (or add {group}/{value}.yaml to the config tree)")
     for key, valid in VALID.items():
         value = OmegaConf.select(cfg, key)
         if value not in valid:
@@ -285,7 +312,8 @@ def validate(cfg) -> None:
         raise ValueError(f"trainer.compile_mode={cfg.trainer.compile_mode} applies to a compiled Q-Former: "
                          f"add trainer.compile=true")
     if cfg.stage.name == 2 and cfg.llm.name == "none":
-        raise ValueError("stage=2 needs an LLM: add llm=opt, llm=flant5, llm=tiny_opt or llm=tiny_t5")
+        llms = [f"llm={name}" for name in group_choices("llm", conf) if name != "none"]
+        raise ValueError(f"stage=2 needs an LLM: add one of {', '.join(llms)}")
     sources = cfg.data.get("sources") or []
     if cfg.data.name == "webdataset" and not cfg.data.train_shards and not sources and cfg.trainer.max_steps > 0:
         raise ValueError(

@@ -1,4 +1,4 @@
-"""Stage-1 losses as pure functions (BLIP2_FACTS.md section 2).
+"""Stage-1 losses as pure functions (docs/blip2_numerics.md section 2).
 
 Nothing here knows about Lightning or distributed training: the caller passes the local features
 and the features gathered over every rank (with gradient), plus this rank's offset in the

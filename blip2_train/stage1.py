@@ -1,4 +1,4 @@
-"""Stage 1: image-text contrastive, matching and generation losses (BLIP2_FACTS.md section 2)."""
+"""Stage 1: image-text contrastive, matching and generation losses (docs/blip2_numerics.md section 2)."""
 
 from __future__ import annotations
 

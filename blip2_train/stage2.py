@@ -1,4 +1,4 @@
-"""Stage 2: the Q-Former's query outputs as soft visual prompts of a frozen LLM (BLIP2_FACTS s.3).
+"""Stage 2: the Q-Former's query outputs as soft visual prompts of a frozen LLM (docs/blip2_numerics.md s.3).
 
 Decoder-only (OPT): [visual prompts; BOS + prompt + caption + "\\n"], plain causal LM loss on the
 caption and its "\\n". Encoder-decoder (FlanT5): prefix LM, encoder [visual prompts; prefix],

@@ -3,18 +3,27 @@
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from blip2_train.config import CONF_DIR, normalize_overrides, register_configs, validate
+from blip2_train.config import (
+    CONF_DIR,
+    NAMED_GROUPS,
+    VALID,
+    group_choices,
+    normalize_overrides,
+    register_configs,
+    validate,
+)
 
 register_configs()
 
 
-def make(*overrides):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+def make(*overrides, conf=CONF_DIR):
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         return compose("config", overrides=normalize_overrides(list(overrides)))
 
 
@@ -45,6 +54,8 @@ def test_every_preset_composes_and_validates(group):
         if group == "experiment" and "stage2" in option:
             extra = ["init_from=runs/s1/checkpoints/last.ckpt"]
         cfg = make(f"{group}={option}", *extra)
+        if group in NAMED_GROUPS:  # the preset's name field is its file name (validate checks it)
+            assert str(cfg[group].name) == option
         if cfg.data.name == "webdataset":
             cfg.data.train_shards = "/data/shards"
         validate(cfg)
@@ -94,7 +105,39 @@ def test_unknown_group_value_names_the_valid_ones():
 
 def test_unknown_value_of_a_checked_field_names_the_valid_ones():
     cfg = make("logger.name=mlflow")
-    with pytest.raises(ValueError, match="csv, tensorboard, wandb, none"):
+    with pytest.raises(ValueError, match=r"logger.name='mlflow' is not a preset .*csv, none, tensorboard, wandb"):
+        validate(cfg)
+
+
+def test_group_choices_are_the_yaml_files_of_the_conf_tree():
+    assert group_choices("encoder") == ("clip", "eva", "tiny_clip", "tiny_eva")
+    assert group_choices("stage") == ("1", "2")
+    assert group_choices("llm") == ("flant5", "none", "opt", "tiny_opt", "tiny_t5")
+    assert not set(VALID) & {f"{group}.name" for group in NAMED_GROUPS}  # listed once: in the tree
+
+
+def test_a_new_encoder_yaml_is_a_valid_choice_with_no_python_change(tmp_path, monkeypatch):
+    """A preset dropped into a copy of the tree (BLIP2_CONF_DIR) composes, validates and builds; the
+    shipped tree rejects the same name, naming its valid presets."""
+    import shutil
+
+    from blip2_train.models.encoders import build_image_encoder
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    preset = (conf / "encoder" / "tiny_eva.yaml").read_text()
+    preset = preset.replace("name: tiny_eva", "name: tiny_eva_96").replace("image_size: 64", "image_size: 96")
+    (conf / "encoder" / "tiny_eva_96.yaml").write_text(preset)
+
+    monkeypatch.setenv("BLIP2_CONF_DIR", str(conf))
+    cfg = make("encoder=tiny_eva_96", conf=conf)
+    validate(cfg)
+    assert cfg.encoder.name == "tiny_eva_96" and "tiny_eva_96" in group_choices("encoder")
+    encoder = build_image_encoder(cfg.encoder)
+    assert encoder(torch.zeros(1, 3, 96, 96)).shape[1] == (96 // 8) ** 2 + 1  # 145 tokens at 96 px
+
+    monkeypatch.delenv("BLIP2_CONF_DIR")
+    with pytest.raises(ValueError, match=r"encoder.name='tiny_eva_96' .* clip, eva, tiny_clip, tiny_eva"):
         validate(cfg)
 
 
@@ -146,7 +189,7 @@ def test_webdataset_without_shards_is_a_clear_error():
 
 
 def test_stage2_without_llm_is_a_clear_error():
-    with pytest.raises(ValueError, match="llm=opt"):
+    with pytest.raises(ValueError, match="llm=flant5, llm=opt, llm=tiny_opt, llm=tiny_t5"):
         validate(make("stage=2"))
 
 

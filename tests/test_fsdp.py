@@ -3,7 +3,6 @@ through the command line save sharded checkpoints, resume from them, consolidate
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -18,17 +17,6 @@ SMALL = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "traine
          "qformer.num_hidden_layers=2", "trainer.log_every_n_steps=1"]
 STAGE2 = ["stage=2", "llm=tiny_opt", "llm.tiny.pretrain_steps=0", "generation.num_beams=2",
           "generation.max_new_tokens=4", "generation.min_new_tokens=1"]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _module(cache, stage):
@@ -108,10 +96,10 @@ def _grad_worker(rank, world, port, cache, stage, out):
 
 
 @pytest.mark.parametrize("stage", ["1", "2"])
-def test_fsdp_loss_and_gradients_equal_ddp(cache, stage):
+def test_fsdp_loss_and_gradients_equal_ddp(cache, stage, free_port):
     _module(cache, stage)  # writes the tiny tokenizers once, before two processes race for them
     out = mp.get_context("spawn").Manager().dict()
-    mp.start_processes(_grad_worker, args=(2, _free_port(), str(cache), stage, out), nprocs=2,
+    mp.start_processes(_grad_worker, args=(2, free_port, str(cache), stage, out), nprocs=2,
                        start_method="spawn")
     for rank in range(2):
         result = out[rank]

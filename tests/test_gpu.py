@@ -10,11 +10,6 @@ from test_stage1_run import make_cfg  # tests/ is on sys.path under pytest
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
 @pytest.mark.parametrize("trainer", ["gpu", "fsdp"])
 def test_bf16_training_on_gpu(tmp_path, cache, trainer):
     from blip2_train.train import train

@@ -22,11 +22,6 @@ def make_cfg(run_dir, cache, *overrides):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def stage1_run(tmp_path_factory, cache):
     from blip2_train.train import train
 
@@ -292,7 +287,7 @@ def test_init_from_a_transformers_directory_not_written_by_us(cache, tmp_path, c
         query = hub_like.qformer(query_embeds=hub_like.query_tokens.expand(2, -1, -1),
                                  encoder_hidden_states=image_embeds).last_hidden_state
         theirs = hub_like.language_projection(query)
-    hub_like.vision_model.post_layernorm.eps = module.model.ln_vision.eps  # see the README: the one eps
+    hub_like.vision_model.post_layernorm.eps = module.model.ln_vision.eps  # see docs/interop.md: the one eps
     with torch.no_grad():
         query = hub_like.qformer(query_embeds=hub_like.query_tokens.expand(2, -1, -1),
                                  encoder_hidden_states=hub_like.vision_model(images).last_hidden_state)

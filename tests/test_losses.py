@@ -2,7 +2,6 @@
 
 import math
 import os
-import socket
 from unittest import mock
 
 import pytest
@@ -126,12 +125,6 @@ def test_itg_loss_shifts_and_ignores_padding():
 
 
 # --------------------------------------------------------------------------- 2 gloo processes
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -151,7 +144,7 @@ def _ddp_worker(rank, world, port, out):
     dist.destroy_process_group()
 
 
-def test_ddp_gathered_itc_equals_single_process():
+def test_ddp_gathered_itc_equals_single_process(free_port):
     image, text = features(batch=8)
     image = image.clone().requires_grad_(True)
     ids = torch.arange(8)
@@ -161,7 +154,7 @@ def test_ddp_gathered_itc_equals_single_process():
     ctx = mp.get_context("spawn")
     manager = ctx.Manager()
     out = manager.dict()
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), out), nprocs=2, start_method="spawn")
+    mp.start_processes(_ddp_worker, args=(2, free_port, out), nprocs=2, start_method="spawn")
     for rank in range(2):
         # each rank's loss covers its own rows; their mean is the single-process loss
         assert out[rank].shape[0] == 1 + image.numel()
@@ -233,11 +226,11 @@ def _stage1_worker(rank, world, port, impl, out):
 
 
 @pytest.mark.parametrize("impl", ["fast", "hf"])
-def test_ddp_stage1_step_equals_single_process(impl):
+def test_ddp_stage1_step_equals_single_process(impl, free_port):
     loss, grads = _stage1_losses(0, 1, impl)
     expected = _flat(grads)
     out = mp.get_context("spawn").Manager().dict()
-    mp.start_processes(_stage1_worker, args=(2, _free_port(), impl, out), nprocs=2, start_method="spawn")
+    mp.start_processes(_stage1_worker, args=(2, free_port, impl, out), nprocs=2, start_method="spawn")
     assert math.isclose(((out[0][0] + out[1][0]) / 2).item(), loss.item(), rel_tol=1e-5)
     assert expected.abs().max() > 1e-4 and grads["ln_vision.weight"].abs().max() > 1e-5
     for rank in range(2):

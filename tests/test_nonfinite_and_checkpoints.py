@@ -8,11 +8,6 @@ from lightning.pytorch.callbacks import Callback
 from test_stage1_run import make_cfg  # tests/ is on sys.path under pytest
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
 def poison(monkeypatch, bad_steps):
     """Make the training loss NaN at the given global steps (as a bad batch would)."""
     from blip2_train.stage1 import Stage1Module
@@ -121,11 +116,11 @@ def _skip_worker(rank, world, port, cache, out):
     dist.destroy_process_group()
 
 
-def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(cache):
+def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(cache, free_port):
     import torch.multiprocessing as mp
-    from test_fsdp import _free_port, _module
+    from test_fsdp import _module
 
     _module(cache, "1")  # the tiny tokenizer, written once
     out = mp.get_context("spawn").Manager().dict()
-    mp.start_processes(_skip_worker, args=(2, _free_port(), str(cache), out), nprocs=2, start_method="spawn")
+    mp.start_processes(_skip_worker, args=(2, free_port, str(cache), out), nprocs=2, start_method="spawn")
     assert out[0] == out[1] == [True, 1, False]  # both skip, both count it; then both step again

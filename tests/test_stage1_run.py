@@ -31,11 +31,6 @@ def make_cfg(tmp_path, cache, *overrides):
         return compose("config", overrides=normalize_overrides(base + list(overrides)))
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
 def train_rows(run_dir):
     """The metrics.csv rows that carry a training loss."""
     rows = csv.DictReader((run_dir / "logs" / "metrics.csv").read_text().splitlines())

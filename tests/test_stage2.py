@@ -21,11 +21,6 @@ def cfg_for(llm, cache, *extra):
             ["stage=2", f"llm={llm}", f"cache_dir={cache}", "qformer.num_hidden_layers=2", *extra]))
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
 def build(llm, cache):
     from blip2_train.stage2 import Stage2Module
 

@@ -7,11 +7,6 @@ import pytest
 from test_stage1_run import make_cfg  # tests/ is on sys.path under pytest
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
 def test_csv_logs_throughput_and_the_validation_table(tmp_path, cache):
     from blip2_train.train import train
 

@@ -1,4 +1,4 @@
-"""LAVIS's image transforms with CLIP's normalisation (BLIP2_FACTS.md section 4)."""
+"""LAVIS's image transforms with CLIP's normalisation (docs/blip2_numerics.md section 4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Key names: ours <-> transformers' BLIP-2 <-> LAVIS (BLIP2_FACTS.md section 6).
+"""Key names: ours <-> transformers' BLIP-2 <-> LAVIS (docs/blip2_numerics.md section 6).
 
 Our module's state dict: ``encoder.vit.*`` (a timm EVA trunk or an open_clip ViT), ``model.*`` (the
 Q-Former, named as transformers names it, plus ``ln_vision``, ``lm_head`` and ``temp``),

@@ -1,4 +1,4 @@
-"""Frozen image encoders from open_clip, cut to their second-to-last block (BLIP2_FACTS.md s.1).
+"""Frozen image encoders from open_clip, cut to their second-to-last block (docs/blip2_numerics.md s.1).
 
 - ``eva``: open_clip ``EVA01-g-14`` (a timm ``eva_giant_patch14_224`` trunk, width 1408, 40 blocks):
   39 blocks kept, no final norm, all 257 tokens at 224 px (677 at 364 px).

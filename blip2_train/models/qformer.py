@@ -4,7 +4,7 @@ Parameter names follow transformers' ``Blip2ForImageTextRetrieval`` (``query_tok
 ``embeddings``, ``qformer``, ``vision_projection``, ``text_projection``, ``itm_head``) so that
 export/import is a rename of ``ln_vision`` and ``lm_head`` only.
 
-Three kinds of pass (BLIP2_FACTS.md section 2):
+Three kinds of pass (docs/blip2_numerics.md section 2):
 - ``text_forward``: text alone, bidirectional (ITC text features).
 - ``joint_forward`` with :func:`itg_mask`: queries see queries, text sees all queries and earlier
   text. Its query outputs equal a query-only pass, so one pass serves ITC (image side) and ITG.
