@@ -47,7 +47,7 @@ def test_every_preset_composes_and_validates(group):
         if group == "experiment" and "stage2" in option:
             extra = ["init_from=runs/s1/checkpoints/last.ckpt"]
         cfg = make(f"{group}={option}", *extra)
-        if cfg.data.name == "webdataset":
+        if cfg.data.name == "webdataset" and not cfg.data.sources:
             cfg.data.train_shards = "/data/shards"
         validate(cfg)
 
