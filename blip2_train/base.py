@@ -20,6 +20,12 @@ from blip2_train.tokenization import build_qformer_tokenizer
 log = logging.getLogger(__name__)
 
 
+def question_to_qformer(cfg) -> bool:
+    """stage.task=vqa with vqa.qformer_text_input: the Q-Former reads the question beside its queries."""
+    vqa = cfg.get("vqa") or {}
+    return cfg.stage.get("task", "caption") == "vqa" and bool(vqa.get("qformer_text_input", True))
+
+
 def as_config(cfg) -> DictConfig:
     if isinstance(cfg, DictConfig):
         return cfg
@@ -38,7 +44,8 @@ class Blip2Base(L.LightningModule):
         # the frozen parts a checkpoint leaves out are rebuilt; on_load_checkpoint checks every other key
         self.strict_loading = False
         self.cache_dir = str(Path(cfg.cache_dir) / "tokenizers")
-        query_only = cfg.stage.name == 2  # stage 2 keeps the query path; its weights come from stage 1
+        # stage 2 keeps the query path (its weights come from stage 1), unless VQA gives the Q-Former the question
+        query_only = cfg.stage.name == 2 and not question_to_qformer(cfg)
         self.encoder = build_image_encoder(cfg.encoder)  # first: its missing weights are the usual stop
         self.tokenizer = None if query_only else build_qformer_tokenizer(
             cfg.qformer.tokenizer or cfg.qformer.bert, self.cache_dir)

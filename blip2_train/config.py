@@ -95,6 +95,8 @@ class StageConfig:
     label_smoothing: float = 0.1
     max_text_len: int = 32  # training captions
     max_eval_text_len: int = 35  # retrieval evaluation captions
+    # stage 2 only: caption (LM on captions) | vqa (answers to questions; vqa.* settings, docs/vqa.md)
+    task: str = "caption"
 
 
 @dataclass
@@ -107,6 +109,7 @@ class SyntheticConfig:
     samples_per_shard: int = 500
     image_size: int = 64
     seed: int = 0
+    kind: str = "caption"  # caption | qa (questions with annotators' answers: data/synthetic_qa.py)
 
 
 @dataclass
@@ -210,6 +213,21 @@ class GenerationConfig:
 
 
 @dataclass
+class VQAConfig:
+    """stage.task=vqa: visual question answering (docs/vqa.md)."""
+
+    prompt: str = "Question: {} Short answer:"  # the LLM's text; {} is the question (LAVIS's zero-shot prompt)
+    # the question also enters the Q-Former beside the queries (instruction-aware queries, as the paper's
+    # VQA fine-tuning and InstructBLIP); false: the LLM prompt alone (zero-shot VQA of a stage-2 model)
+    qformer_text_input: bool = True
+    max_question_len: int = 35  # Q-Former tokens of the question
+    num_beams: int = 5  # answer generation (BLIP2_FACTS s.5: beam 5, at most 10 tokens)
+    max_new_tokens: int = 10
+    min_new_tokens: int = 1
+    length_penalty: float = -1.0  # < 0 favours the shorter beams: VQA answers are a word or two
+
+
+@dataclass
 class Blip2Config:
     """The primary config: ``conf/config.yaml`` composes onto this."""
 
@@ -224,6 +242,7 @@ class Blip2Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    vqa: VQAConfig = field(default_factory=VQAConfig)
     run_dir: str = "runs/${now:%Y-%m-%d_%H-%M-%S}"
     init_from: str | None = None
     seed: int = 42
@@ -261,6 +280,8 @@ def group_choices(group: str, conf: str | os.PathLike | None = None) -> tuple[st
 #: Fields whose values are a fixed enumeration in code, not a config group.
 VALID = {
     "encoder.precision": ("fp32", "fp16", "bf16"),
+    "stage.task": ("caption", "vqa"),
+    "data.synthetic.kind": ("caption", "qa"),
     "trainer.strategy": ("auto", "ddp", "fsdp"),
     "llm.precision": ("fp32", "fp16", "bf16"),
     "qformer.impl": ("fast", "hf"),
@@ -311,6 +332,7 @@ def validate(cfg) -> None:
     if cfg.trainer.compile_mode != "default" and not cfg.trainer.compile:
         raise ValueError(f"trainer.compile_mode={cfg.trainer.compile_mode} applies to a compiled Q-Former: "
                          f"add trainer.compile=true")
+    validate_task(cfg)
     if cfg.stage.name == 2 and cfg.llm.name == "none":
         llms = [f"llm={name}" for name in group_choices("llm", conf) if name != "none"]
         raise ValueError(f"stage=2 needs an LLM: add one of {', '.join(llms)}")
@@ -327,6 +349,33 @@ def validate(cfg) -> None:
         raise ValueError(
             "T5 overflows in fp16: use llm.precision=bf16 (default) or fp32, or set llm.force_fp16=true"
         )
+
+
+def validate_task(cfg) -> None:
+    """stage.task=vqa: stage 2, question-answer data, a prompt with a slot for the question."""
+    from omegaconf import OmegaConf
+
+    # read with defaults: configs stored in checkpoints written before VQA existed lack these keys
+    task = OmegaConf.select(cfg, "stage.task", default="caption")
+    synthetic_kind = OmegaConf.select(cfg, "data.synthetic.kind", default="caption")
+    if task not in VALID["stage.task"]:
+        raise ValueError(f"stage.task={task!r} is not valid; choose one of: {', '.join(VALID['stage.task'])}")
+    if task != "vqa":
+        if cfg.data.name == "synthetic" and synthetic_kind == "qa":
+            raise ValueError("data.synthetic.kind=qa holds questions, not captions: add stage.task=vqa "
+                             "(or use data=synthetic for captions)")
+        return
+    if cfg.stage.name != 2:
+        raise ValueError(f"stage.task=vqa needs stage=2 (an LLM answers), got stage={cfg.stage.name}")
+    if cfg.data.name == "synthetic" and synthetic_kind != "qa":
+        raise ValueError("stage.task=vqa needs question-answer data: use data=synthetic_qa (or "
+                         "data.synthetic.kind=qa), or data=webdataset with VQA shards (docs/vqa.md)")
+    prompt = OmegaConf.select(cfg, "vqa.prompt", default=VQAConfig.prompt)
+    if "{}" not in prompt:
+        raise ValueError(f"vqa.prompt={prompt!r} has no {{}} for the question, e.g. "
+                         f"'Question: {{}} Short answer:'")
+    if cfg.data.get("feature_cache"):
+        raise ValueError("data.feature_cache serves caption samples only; unset it for stage.task=vqa")
 
 
 def validate_sources(sources, train_shards) -> None:

@@ -9,6 +9,13 @@ checkpoint carries (for example ``retrieval.k_test=16`` or ``generation.num_beam
 against the config schema as training checks them. The frozen parts a checkpoint leaves out are
 rebuilt from the weights it names; ``llm.model=DIR`` / ``encoder.pretrained=FILE`` point elsewhere
 when those weights moved.
+
+VQA (docs/vqa.md): ``stage.task=vqa`` with question-answer shards gives ``val/vqa_accuracy`` and the
+answers under ``predictions`` (``vqa.prompt``, ``vqa.num_beams``, ``vqa.max_new_tokens`` as options).
+A stage-2 checkpoint trained on captions answers zero-shot: its Q-Former never read text, so the
+question goes to the LLM prompt only (``vqa.qformer_text_input=false`` is set for it):
+
+    python -m blip2_train.evaluate ckpt_path=CKPT stage.task=vqa data.val_shards=/data/vqav2/val
 """
 
 from __future__ import annotations
@@ -53,11 +60,40 @@ def user_errors():
     return OverrideError, MissingSourceError
 
 
+def zero_shot_vqa_overrides(ckpt_path: str, overrides: list[str]) -> list[str]:
+    """``stage.task=vqa`` asked of a checkpoint not trained for VQA: its Q-Former holds no text path, so
+    the question goes to the LLM prompt alone (``vqa.qformer_text_input=false``). Checks the task's
+    settings before the model is built."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from blip2_train.config import validate_task
+
+    asked = dict(o.split("=", 1) for o in overrides if "=" in o)
+    if asked.get("stage.task") != "vqa":
+        return overrides
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    stored = OmegaConf.create(ckpt["hyper_parameters"]["cfg"])
+    trained_for = OmegaConf.select(stored, "stage.task", default="caption")
+    if trained_for != "vqa":
+        if asked.get("vqa.qformer_text_input", "false").lower() == "true":
+            raise SystemExit(f"{ckpt_path} was trained for stage.task={trained_for}: its Q-Former has no "
+                             f"text path to read the question. Drop "
+                             f"vqa.qformer_text_input=true (the question then goes to the LLM prompt only)")
+        overrides = [*overrides, "vqa.qformer_text_input=false"]
+    try:
+        validate_task(OmegaConf.merge(stored, OmegaConf.from_dotlist(overrides)))
+    except ValueError as err:
+        raise SystemExit(str(err)) from err
+    return overrides
+
+
 def evaluate(ckpt_path: str, overrides: list[str] = (), output: str | None = None) -> dict:
     from blip2_train.checkpoint_io import module_from_checkpoint
     from blip2_train.train import build_datamodule, resolve_precision
 
-    module, cfg = module_from_checkpoint(ckpt_path, list(overrides), OWN_KEYS)
+    overrides = zero_shot_vqa_overrides(ckpt_path, list(overrides))
+    module, cfg = module_from_checkpoint(ckpt_path, overrides, OWN_KEYS)
     if not cfg.data.val_shards and cfg.data.name != "synthetic":
         raise SystemExit("data.val_shards=URL is required (a directory of .tar shards or a brace URL)")
     trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=resolve_precision(cfg),

@@ -78,13 +78,17 @@ class Stage2Module(Blip2Base):
         batch = images.shape[0]
         text = gen["prompt"] if prompts is None else prompts
         texts = [text] * batch if isinstance(text, str) else list(text)
-        visual = self.visual_prompts(images)
+        return self.generate_from_visual(self.visual_prompts(images), texts, gen)
+
+    @torch.no_grad()
+    def generate_from_visual(self, visual: torch.Tensor, texts: list[str], gen: dict) -> list[str]:
+        """Visual prompts [B, Q, D] + one text per row -> the generated continuations (new tokens only)."""
         llm, tok = self.llm, self.llm_tokenizer
         tok.padding_side = "left" if self.decoder_only else "right"  # T5's encoder pads on the right
-        enc = tok(texts, padding="longest", return_tensors="pt").to(images.device)
+        enc = tok(texts, padding="longest", return_tensors="pt").to(visual.device)
         text = llm.embed(enc["input_ids"])
         inputs = torch.cat([visual.to(text.dtype), text], dim=1)
-        mask = torch.cat([torch.ones(visual.shape[:2], dtype=enc["attention_mask"].dtype, device=images.device),
+        mask = torch.cat([torch.ones(visual.shape[:2], dtype=enc["attention_mask"].dtype, device=visual.device),
                           enc["attention_mask"]], dim=1)
         if self.decoder_only:  # true left padding: move the pads in front of the visual prompts
             order = torch.argsort(mask, dim=1, stable=True)

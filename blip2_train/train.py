@@ -24,6 +24,10 @@ def build_module(cfg: DictConfig) -> L.LightningModule:
         from blip2_train.stage1 import Stage1Module
 
         return Stage1Module(cfg)
+    if cfg.stage.get("task", "caption") == "vqa":
+        from blip2_train.stage2_vqa import VQAModule
+
+        return VQAModule(cfg)
     from blip2_train.stage2 import Stage2Module
 
     return Stage2Module(cfg)
@@ -50,7 +54,8 @@ def build_datamodule(cfg: DictConfig, module, world_size: int = 1) -> L.Lightnin
 
     return Blip2DataModule(data_cfg, image_size=cfg.encoder.image_size, train_text_collate=train_collate,
                            eval_text_collate=eval_collate, seed=cfg.seed,
-                           encoder_signature=encoder_signature(cfg.encoder))
+                           encoder_signature=encoder_signature(cfg.encoder),
+                           sample_decoder=getattr(module, "sample_decoder", None))
 
 
 def resolve_precision(cfg: DictConfig) -> str:

@@ -4,6 +4,10 @@
     python data_recipes/jsonl_to_shards.py INPUT.jsonl OUT_DIR --image-root DIR --samples-per-shard 1000
 
 Each row: {"image": path relative to --image-root, "caption": str, "image_id": optional int}.
+A question-answer row (VQA, docs/vqa.md) has "question" and "answers" (every annotator's answer,
+repeats included: they weight the answer; a lone "answer" str also works) instead of "caption",
+and optionally "question_id"; its json then carries question, answers and question_id, its txt the
+question.
 Writes OUT_DIR/00000.tar, ... with {key}.{jpg|png|webp} + {key}.txt + {key}.json, and
 OUT_DIR/manifest.json with `samples` (written), `skipped` (each with its reason) and `shards`.
 Shards are written in parallel over CPU cores; image bytes are copied as they are (re-encoded
@@ -33,10 +37,15 @@ def _write_shard(args) -> tuple[int, list[dict]]:
         for line_no, row in rows:
             key = f"{line_no:09d}"
             try:
-                caption = str(row["caption"]).strip()
-                if not caption:
-                    raise ValueError("empty caption")
-                meta = {"caption": caption, "image": row["image"]}
+                if "question" in row:
+                    meta = question_meta(row)
+                    caption = meta["question"]
+                else:
+                    caption = str(row["caption"]).strip()
+                    if not caption:
+                        raise ValueError("empty caption")
+                    meta = {"caption": caption}
+                meta["image"] = row["image"]
                 if row.get("image_id") is not None:
                     meta["image_id"] = int(row["image_id"])  # a non-integer id is a skipped row
                 meta.update(row.get("meta") or {})  # extra fields a recipe keeps (split, sentence id, ...)
@@ -56,6 +65,25 @@ def _write_shard(args) -> tuple[int, list[dict]]:
             sink.write({"__key__": key, ext: data, "txt": caption, "json": json.dumps(meta)})
             written += 1
     return written, skipped
+
+
+def question_meta(row: dict) -> dict:
+    """A VQA row's json fields: question, answers (non-empty strings) and question_id when given."""
+    question = str(row["question"]).strip()
+    if not question:
+        raise ValueError("empty question")
+    answers = row.get("answers", row.get("answer"))
+    if isinstance(answers, str):
+        answers = [answers]
+    if not isinstance(answers, list):
+        raise TypeError(f"answers must be a list of str (or answer a str), got {type(answers).__name__}")
+    answers = [str(a).strip() for a in answers if str(a).strip()]
+    if not answers:
+        raise ValueError("no answers (a question needs at least one non-empty answer)")
+    meta = {"question": question, "answers": answers}
+    if row.get("question_id") is not None:
+        meta["question_id"] = row["question_id"]
+    return meta
 
 
 def jsonl_to_shards(jsonl: str, out_dir: str, image_root: str, samples_per_shard: int = 1000,

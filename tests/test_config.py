@@ -51,12 +51,14 @@ def test_every_preset_composes_and_validates(group):
             extra = ["llm=tiny_opt"]
         if group == "llm" and option != "none":
             extra = ["stage=2"]
+        if group == "data" and option == "synthetic_qa":  # questions: the VQA task's data
+            extra = ["stage=2", "llm=tiny_opt", "stage.task=vqa"]
         if group == "experiment" and "stage2" in option:
             extra = ["init_from=runs/s1/checkpoints/last.ckpt"]
         cfg = make(f"{group}={option}", *extra)
         if group in NAMED_GROUPS:  # the preset's name field is its file name (validate checks it)
             assert str(cfg[group].name) == option
-        if cfg.data.name == "webdataset":
+        if cfg.data.name == "webdataset" and not cfg.data.sources:
             cfg.data.train_shards = "/data/shards"
         validate(cfg)
 

@@ -331,7 +331,10 @@ class BatchSamples:
             batch["image"] = torch.stack([s["image"] for s in samples])  # [B, 3, H, W]
         if "source" in samples[0]:  # mixed sources: which one each sample came from
             batch["source"] = torch.tensor([s["source"] for s in samples], dtype=torch.long)  # [B]
-        batch.update(self.text_collate(captions))  # input_ids, attention_mask [B, T]
+        if getattr(self.text_collate, "wants_samples", False):  # VQA: questions and answers (data/vqa.py)
+            batch.update(self.text_collate(samples))
+        else:
+            batch.update(self.text_collate(captions))  # input_ids, attention_mask [B, T]
         return batch
 
     def __call__(self, samples: Iterator[dict]) -> Iterator[dict]:

@@ -75,6 +75,18 @@ def expand_urls(spec: str) -> list[str]:
     return urls
 
 
+def ensure_synthetic(synthetic_cfg) -> tuple[str, str]:
+    """The generated synthetic set's train and val dirs: captions, or questions (``kind: qa``)."""
+    kind = synthetic_cfg.get("kind", "caption")
+    if kind == "qa":
+        from blip2_train.data.synthetic_qa import ensure_synthetic_qa_shards
+
+        return ensure_synthetic_qa_shards(synthetic_cfg)
+    from blip2_train.data.synthetic import ensure_synthetic_shards
+
+    return ensure_synthetic_shards(synthetic_cfg)
+
+
 def skipped_fraction(num_skipped: int, num_good: int) -> float:
     """Fraction of bad samples among all read; the trainer stops above ``data.max_skipped_fraction``."""
     total = num_skipped + num_good
@@ -85,8 +97,11 @@ class Blip2DataModule(L.LightningDataModule):
     """Train and validation loaders over webdataset shards (or the generated synthetic set)."""
 
     def __init__(self, data_cfg, image_size: int, train_text_collate: Callable, eval_text_collate: Callable,
-                 seed: int = 0, encoder_signature: dict | None = None):
+                 seed: int = 0, encoder_signature: dict | None = None, sample_decoder: Callable | None = None):
+        """``sample_decoder``: the decode stage's class (default DecodeSamples: image + caption;
+        data/vqa.py's DecodeVQASamples reads questions and answers)."""
         super().__init__()
+        self.sample_decoder = sample_decoder or DecodeSamples
         self.cfg = data_cfg
         self.image_size = image_size
         self.train_text_collate = train_text_collate
@@ -100,16 +115,12 @@ class Blip2DataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Lightning calls this on one process per node first: generate the synthetic set there."""
         if self.cfg.name == "synthetic":
-            from blip2_train.data.synthetic import ensure_synthetic_shards
-
-            ensure_synthetic_shards(self.cfg.synthetic)
+            ensure_synthetic(self.cfg.synthetic)
 
     def setup(self, stage: str | None = None) -> None:
         train, val = self.cfg.train_shards, self.cfg.val_shards
         if self.cfg.name == "synthetic":  # explicit data.train_shards / val_shards win
-            from blip2_train.data.synthetic import ensure_synthetic_shards
-
-            gen_train, gen_val = ensure_synthetic_shards(self.cfg.synthetic)
+            gen_train, gen_val = ensure_synthetic(self.cfg.synthetic)
             train, val = train or gen_train, val or gen_val
         sources = self.cfg.get("sources") or []
         # (name, shard URLs, weight) per training source; they replace train_shards
@@ -183,6 +194,8 @@ class Blip2DataModule(L.LightningDataModule):
                     f"{len(urls)} training shards{of_source} cannot feed {world} ranks x {workers} workers "
                     f"without resampling: use data.resampled=true, fewer workers, or more shards")
             shards = CycledShards(urls, seed, rank, world)
+        if self.cfg.get("feature_cache") and self.sample_decoder is not DecodeSamples:
+            raise ValueError("data.feature_cache serves caption samples only; unset it for VQA (stage.task=vqa)")
         if self.cfg.get("feature_cache"):  # the frozen encoder's tokens instead of images
             from blip2_train.data.feature_cache import LookupFeatures, missing_caches
 
@@ -197,7 +210,7 @@ class Blip2DataModule(L.LightningDataModule):
                             "(set data.train_augment=false to say so)")
             decode = LookupFeatures(self.cfg.feature_cache, self.encoder_signature, self.cfg.max_words, counter)
         else:
-            decode = DecodeSamples(transform, self.cfg.max_words, counter, finite=False, seed=seed, rank=rank)
+            decode = self.sample_decoder(transform, self.cfg.max_words, counter, finite=False, seed=seed, rank=rank)
         return [
             shards,
             counter.watch_shards,
@@ -219,7 +232,7 @@ class Blip2DataModule(L.LightningDataModule):
             counter.watch_shards,
             wds.tarfile_to_samples(handler=counter.tar_error),
             counter.watch_samples,
-            DecodeSamples(eval_transform(self.image_size), cfg.max_words, counter, finite=True),
+            self.sample_decoder(eval_transform(self.image_size), cfg.max_words, counter, finite=True),
             BatchSamples(cfg.eval_batch_size, self.eval_text_collate, counter, partial=True),
         )
         workers = min(1, cfg.num_workers)  # one worker at most: samples arrive in shard order

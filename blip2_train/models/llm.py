@@ -141,12 +141,17 @@ def _pretrained(llm_cfg, dtype):
     return model, tokenizer
 
 
-def pretrain_tiny_llm(model: nn.Module, tokenizer, kind: str, steps: int, cache_dir, seed: int = 0) -> None:
+def pretrain_tiny_llm(model: nn.Module, tokenizer, kind: str, steps: int, cache_dir, seed: int = 0,
+                      qa_prompt: str | None = None) -> None:
     """Teach a tiny random LLM the synthetic caption language (text only) before it is frozen.
 
     A frozen *random* LLM predicts near-uniform tokens whatever the visual prompts say, so
     stage 2 would have nothing to steer; a real BLIP-2 LLM knows language. The result is cached
     in ``cache_dir`` (keyed by sizes, steps and seed), so every run gets the same frozen LLM.
+
+    ``qa_prompt`` (``llm.tiny.pretrain_qa``, e.g. "Question: {} Short answer:"): half of each batch is
+    then synthetic questions in that prompt with an answer of the question's type (text only, no
+    image), so the LLM knows the answer format and stops after the answer, as a real LLM does.
     """
     import hashlib
     import random
@@ -154,7 +159,8 @@ def pretrain_tiny_llm(model: nn.Module, tokenizer, kind: str, steps: int, cache_
     from blip2_train.data.llm_text import DecoderOnlyCollate, PrefixLMCollate
     from blip2_train.data.synthetic import random_caption
 
-    key = hashlib.sha1(f"{kind}-{model.config.to_json_string()}-{steps}-{seed}-v1".encode()).hexdigest()[:12]
+    qa_key = f"-qa:{qa_prompt}" if qa_prompt else ""  # absent: the caption-only cache keys stay as they were
+    key = hashlib.sha1(f"{kind}-{model.config.to_json_string()}-{steps}-{seed}-v1{qa_key}".encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"tiny-{kind}-lm-{key}.pt"
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -166,8 +172,26 @@ def pretrain_tiny_llm(model: nn.Module, tokenizer, kind: str, steps: int, cache_
                else PrefixLMCollate(tokenizer, 64, seed=seed))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     model.train()
-    for _ in range(steps):
-        batch = collate([random_caption(rng) for _ in range(32)])
+    qa_texts = None
+    if qa_prompt:
+        from blip2_train.data.synthetic_qa import QUESTIONS, answer_choices
+
+        def qa_texts(count: int) -> tuple[list[str], list[str]]:
+            kinds = [rng.choice(list(QUESTIONS)) for _ in range(count)]
+            return ([qa_prompt.replace("{}", QUESTIONS[k]) for k in kinds],
+                    [rng.choice(answer_choices(k)) for k in kinds])
+    for step in range(steps):
+        if qa_texts is None or (kind != "decoder" and step % 2 == 0):  # T5: caption and QA steps alternate
+            batch = collate([random_caption(rng) for _ in range(32)])
+        elif kind == "decoder":
+            prompts, answers = qa_texts(16)
+            batch = collate([random_caption(rng) for _ in range(16)] + [f"{p} {a}" for p, a in zip(prompts, answers)])
+        else:  # T5: the question prompt in the encoder, the answer as the decoder's target
+            from blip2_train.data.vqa import VQACollate
+
+            prompts, answers = qa_texts(32)
+            batch = VQACollate(tokenizer, False, "{}", 64, deterministic=True)(
+                [{"question": p, "answers": [a]} for p, a in zip(prompts, answers)])
         if kind == "decoder":
             out = model(input_ids=batch["llm_input_ids"], attention_mask=batch["llm_attention_mask"],
                         labels=batch["llm_labels"])
@@ -223,7 +247,8 @@ def build_llm(llm_cfg, cache_dir: str | os.PathLike) -> tuple[FrozenLLM, object]
         model = _tiny_model(llm_cfg, tokenizer)
         steps = int(dict(llm_cfg.tiny).get("pretrain_steps", 0))
         if steps:
-            pretrain_tiny_llm(model, tokenizer, llm_cfg.kind, steps, cache_dir)
+            pretrain_tiny_llm(model, tokenizer, llm_cfg.kind, steps, cache_dir,
+                              qa_prompt=dict(llm_cfg.tiny).get("pretrain_qa"))
         model = model.to(dtype)
     else:
         model, tokenizer = _pretrained(llm_cfg, dtype)
