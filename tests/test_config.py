@@ -56,8 +56,12 @@ def test_every_preset_composes_and_validates(group):
         if group == "experiment" and "stage2" in option:
             extra = ["init_from=runs/s1/checkpoints/last.ckpt"]
         cfg = make(f"{group}={option}", *extra)
-        if group in NAMED_GROUPS:  # the preset's name field is its file name (validate checks it)
-            assert str(cfg[group].name) == option
+        if group in NAMED_GROUPS:  # the preset's name field is its file name, or that of the preset it extends
+            import yaml
+
+            parents = [d for d in yaml.safe_load((Path(CONF_DIR) / group / f"{option}.yaml").read_text()).get("defaults", [])
+                       if isinstance(d, str) and d != "_self_"]
+            assert str(cfg[group].name) in (option, *parents)
         if cfg.data.name == "webdataset" and not cfg.data.sources:
             cfg.data.train_shards = "/data/shards"
         validate(cfg)
