@@ -67,6 +67,18 @@ class QFormerConfig:
 
 
 @dataclass
+class BridgeConfig:
+    """Stage 2's bridge from the image encoder's tokens to the LLM's prompts (models/bridges.py)."""
+
+    name: str = "qformer"  # a file of conf/bridge: qformer | mlp | pool_mlp
+    # visual tokens per image: qformer = its queries (conf/bridge/qformer.yaml sets
+    # qformer.num_query_tokens from it); pool_mlp = the pooled square; mlp = null (every patch token)
+    num_tokens: int | None = 32
+    keep_cls: bool = False  # mlp / pool_mlp: also feed the encoder's CLS token (LLaVA-1.5 and DeCo drop it)
+    hidden_size: int | None = None  # mlp / pool_mlp: the MLP's hidden width; null = the LLM's width
+
+
+@dataclass
 class OptimConfig:
     """AdamW + linear warmup + cosine decay, stepped per optimizer step."""
 
@@ -214,6 +226,7 @@ class Blip2Config:
     stage: StageConfig = field(default_factory=StageConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -293,12 +306,35 @@ def validate(cfg) -> None:
             "as 'data.train_shards=\"dir/{00000..00007}.tar\"') or data.sources; or use data=synthetic"
         )
     validate_sources(sources, cfg.data.train_shards)
+    validate_bridge(cfg)
     if cfg.qformer.num_query_tokens < 1:
         raise ValueError(f"qformer.num_query_tokens must be >= 1, got {cfg.qformer.num_query_tokens}")
     if cfg.llm.kind == "encoder_decoder" and cfg.llm.precision == "fp16" and not cfg.llm.force_fp16:
         raise ValueError(
             "T5 overflows in fp16: use llm.precision=bf16 (default) or fp32, or set llm.force_fp16=true"
         )
+
+
+def bridge_names() -> list[str]:
+    """The bridges there are: the files of conf/bridge (a new bridge is a module and a YAML file)."""
+    return sorted(p.stem for p in (CONF_DIR / "bridge").glob("*.yaml"))
+
+
+def validate_bridge(cfg) -> None:
+    """bridge.name is a file of conf/bridge; the Q-Former bridge's token count is its query count."""
+    from omegaconf import OmegaConf
+
+    name = OmegaConf.select(cfg, "bridge.name", default="qformer")
+    valid = bridge_names()
+    if name not in valid:
+        raise ValueError(f"bridge={name!r} is not valid; choose one of: {', '.join(valid)}")
+    count = OmegaConf.select(cfg, "bridge.num_tokens", default=None)
+    if cfg.stage.name == 2 and name == "qformer" and count is not None and count != cfg.qformer.num_query_tokens:
+        raise ValueError(f"bridge=qformer with bridge.num_tokens={count} but qformer.num_query_tokens="
+                         f"{cfg.qformer.num_query_tokens}: the Q-Former bridge's visual tokens are its queries; "
+                         f"set bridge.num_tokens={cfg.qformer.num_query_tokens} (it sets qformer.num_query_tokens)")
+    if count is not None and count < 1:
+        raise ValueError(f"bridge.num_tokens must be >= 1 or null, got {count}")
 
 
 def validate_sources(sources, train_shards) -> None:
