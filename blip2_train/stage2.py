@@ -14,9 +14,8 @@ import logging
 from collections import defaultdict
 
 import torch
-from torch import nn
-
 from omegaconf import OmegaConf
+from torch import nn
 
 from blip2_train.base import Blip2Base
 from blip2_train.models.bridges import QFormerBridge, build_mlp_bridge

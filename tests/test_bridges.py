@@ -1,18 +1,27 @@
 """Bridges (models/bridges.py): shapes, DeCo's pooling by hand, and stage 2 training / evaluating
 with each bridge and each LLM kind."""
 
+import itertools
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from blip2_train.config import CONF_DIR, normalize_overrides, register_configs, validate
-from blip2_train.models.bridges import MLPBridge, PooledMLPBridge, QFormerBridge, build_mlp_bridge, pool_patch_grid
+from blip2_train.models.bridges import (
+    MLPBridge,
+    PooledMLPBridge,
+    QFormerBridge,
+    build_mlp_bridge,
+    pool_patch_grid,
+)
 
 register_configs()
-CAPTIONS = ["a large red circle at the top on a green background", "a small blue bar at the bottom on a white "
-            "background", "a small pink ring in the middle on a black background", "a large gray cross at the "
-            "top on a yellow background"]
+CAPTIONS = ["a large red circle at the top on a green background",
+            "a small blue bar at the bottom on a white background",
+            "a small pink ring in the middle on a black background",
+            "a large gray cross at the top on a yellow background"]
 
 
 def cfg_for(llm, cache, *extra):
@@ -120,7 +129,7 @@ def test_each_bridge_trains_in_stage2(bridge, llm, cache):
         optimizer.step()
         losses.append(loss.item())
     # a frozen random tiny LLM (no pretraining here, for speed) moves little: OPT ~6.68 -> ~6.54, T5 ~33 -> ~25
-    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 0.1, losses
+    assert all(b < a for a, b in itertools.pairwise(losses)) and losses[-1] < losses[0] - 0.1, losses
 
 
 @pytest.mark.parametrize("bridge,llm", [("mlp", "tiny_opt"), ("pool_mlp", "tiny_t5")])
