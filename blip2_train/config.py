@@ -117,6 +117,9 @@ class SyntheticConfig:
     samples_per_shard: int = 500
     image_size: int = 64
     seed: int = 0
+    # shapes: one shape per image (data/synthetic.py); scenes: one to three objects, some small, with
+    # their count (data/synthetic_scenes.py), scored by attribute / count accuracy and hallucination
+    kind: str = "shapes"
 
 
 @dataclass
@@ -251,6 +254,7 @@ VALID = {
     "encoder.precision": ("fp32", "fp16", "bf16"),
     "stage.name": (1, 2),
     "data.name": ("webdataset", "synthetic"),
+    "data.synthetic.kind": ("shapes", "scenes"),
     "trainer.name": ("default", "cpu", "gpu", "ddp", "fsdp"),
     "trainer.strategy": ("auto", "ddp", "fsdp"),
     "logger.name": ("csv", "tensorboard", "wandb", "none"),

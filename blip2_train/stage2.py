@@ -175,6 +175,11 @@ class Stage2Module(Blip2Base):
             scores = caption_metrics(self._val["preds"], self._val["refs"])
             self.log("cider", scores["cider"])
             self.log("bleu4", scores["bleu4"])
+            if OmegaConf.select(self.cfg, "data.synthetic.kind", default="shapes") == "scenes":
+                from blip2_train.metrics.scenes import scene_metrics
+
+                for name, value in scene_metrics(self._val["preds"], self._val["refs"]).items():
+                    self.log(f"val/{name}", value)
             self.predictions = {self._val["keys"][i]: c for i, c in self._val["preds"].items()}
             self.val_samples = [{**row, "reference": self._val["refs"][row.pop("image_id")][0]}
                                 for row in self._val["samples"]]

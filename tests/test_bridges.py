@@ -132,14 +132,14 @@ def test_each_bridge_trains_in_stage2(bridge, llm, cache):
     assert all(b < a for a, b in itertools.pairwise(losses)) and losses[-1] < losses[0] - 0.1, losses
 
 
-@pytest.mark.parametrize("bridge,llm", [("mlp", "tiny_opt"), ("pool_mlp", "tiny_t5")])
-def test_mlp_bridge_run_evaluates_and_generates(bridge, llm, tmp_path, cache):
-    """A 2-step run with an MLP bridge: checkpoint, evaluate (same val/loss), generate; the bridge's
-    visual tokens and trainable parameters reach metrics.json."""
+@pytest.mark.parametrize("bridge,llm,data", [("mlp", "tiny_opt", "synthetic"), ("pool_mlp", "tiny_t5", "synthetic_scenes")])
+def test_mlp_bridge_run_evaluates(bridge, llm, data, tmp_path, cache):
+    """A 2-step run with an MLP bridge: checkpoint, evaluate (same val/loss); the bridge's visual tokens and
+    trainable parameters reach metrics.json, and on the scenes the fine-grained metrics."""
     from blip2_train.evaluate import evaluate
     from blip2_train.train import train
 
-    overrides = [f"bridge={bridge}", f"run_dir={tmp_path / 'run'}", "trainer=cpu", "trainer.max_steps=2",
+    overrides = [f"bridge={bridge}", f"data={data}", f"run_dir={tmp_path / 'run'}", "trainer=cpu", "trainer.max_steps=2",
                  "trainer.enable_progress_bar=false", "logger=none", "data.batch_size=4", "data.num_workers=0",
                  "data.synthetic.num_train=8", "data.synthetic.num_val=4", "data.synthetic.samples_per_shard=8",
                  "data.samples_per_epoch=8", "generation.num_beams=1", "generation.max_new_tokens=4",
@@ -150,6 +150,8 @@ def test_mlp_bridge_run_evaluates_and_generates(bridge, llm, tmp_path, cache):
     assert metrics["bridge/trainable_params"] == sum(
         p.numel() for p in build_mlp_bridge(bridge, 64, 64, 65, None if bridge == "mlp" else 16).parameters())
     assert metrics["train/samples_per_s_mean"] > 0
+    scene_keys = {"val/attr_acc", "val/attr_acc/color", "val/count_acc", "val/hallucination"}
+    assert scene_keys <= set(metrics) if data == "synthetic_scenes" else not scene_keys & set(metrics)
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     assert "bridge.linear_1.weight" in state and not any(k.startswith("model.") for k in state)
