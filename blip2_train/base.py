@@ -49,13 +49,15 @@ class Blip2Base(L.LightningModule):
         self.encoder = build_image_encoder(cfg.encoder)  # first: its missing weights are the usual stop
         self.tokenizer = None if query_only else build_qformer_tokenizer(
             cfg.qformer.tokenizer or cfg.qformer.bert, self.cache_dir)
+        # stage 2 with another bridge (conf/bridge) has no Q-Former: self.model is None there
+        uses_qformer = not query_only or OmegaConf.select(cfg, "bridge.name", default="qformer") == "qformer"
         self.model = QFormer(cfg.qformer, vision_width=self.encoder.width,
                              vocab_size=len(self.tokenizer) if self.tokenizer else 0,
                              pad_token_id=self.tokenizer.pad_token_id if self.tokenizer else 0,
-                             query_only=query_only)
+                             query_only=query_only) if uses_qformer else None
         if cfg.qformer.bert and not query_only:
             self.model.load_bert(cfg.qformer.bert)
-        if cfg.trainer.compile:  # in place: parameter names stay; dynamic: text lengths vary per batch
+        if cfg.trainer.compile and self.model is not None:  # in place: names stay; dynamic: text lengths vary
             self.model.qformer.compile(dynamic=True, mode=cfg.trainer.compile_mode)
         self.register_buffer("skipped_samples", torch.zeros((), dtype=torch.long), persistent=True)
         self.register_buffer("seen_samples", torch.zeros((), dtype=torch.long), persistent=True)
@@ -147,7 +149,7 @@ class Blip2Base(L.LightningModule):
         """trainer=fsdp: shard into FSDP2 units (blip2_train/fsdp.py); a no-op for other strategies."""
         from torch.distributed.fsdp import FSDPModule
 
-        if self.device_mesh is None or isinstance(self.model, FSDPModule):  # not FSDP, or done already
+        if self.device_mesh is None or isinstance(self.encoder, FSDPModule):  # not FSDP, or done already
             return
         from blip2_train.fsdp import shard_blip2
 

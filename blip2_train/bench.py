@@ -51,6 +51,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from blip2_train.config import CUDA_GRAPH_MODES, VALID, DataConfig, OptimConfig, QFormerConfig, StageConfig
+from blip2_train.models.bridges import QFormerBridge
 from blip2_train.models.llm import FrozenLLM
 from blip2_train.stage1 import Stage1Module
 from blip2_train.stage2 import Stage2Module
@@ -120,6 +121,7 @@ class _Stage2:
 
     def __init__(self, model, projection, llm):
         self.model, self.language_projection, self.decoder_only = model, projection, True
+        self.bridge = QFormerBridge(model, projection)
         self.llm = FrozenLLM(llm, dropout_in_train=False)
         self.encoder = nn.Identity()
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-VAL_PREFIXES = ("itc/", "itm/", "val/", "cider", "bleu4")
+VAL_PREFIXES = ("itc/", "itm/", "val/", "cider", "bleu4", "bridge/")
 log = logging.getLogger(__name__)
 
 

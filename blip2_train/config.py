@@ -69,6 +69,18 @@ class QFormerConfig:
 
 
 @dataclass
+class BridgeConfig:
+    """Stage 2's bridge from the image encoder's tokens to the LLM's prompts (models/bridges.py)."""
+
+    name: str = "qformer"  # a file of conf/bridge: qformer | mlp | pool_mlp
+    # visual tokens per image: qformer = its queries (conf/bridge/qformer.yaml sets
+    # qformer.num_query_tokens from it); pool_mlp = the pooled square; mlp = null (every patch token)
+    num_tokens: int | None = 32
+    keep_cls: bool = False  # mlp / pool_mlp: also feed the encoder's CLS token (LLaVA-1.5 and DeCo drop it)
+    hidden_size: int | None = None  # mlp / pool_mlp: the MLP's hidden width; null = the LLM's width
+
+
+@dataclass
 class OptimConfig:
     """AdamW + linear warmup + cosine decay, stepped per optimizer step."""
 
@@ -109,7 +121,10 @@ class SyntheticConfig:
     samples_per_shard: int = 500
     image_size: int = 64
     seed: int = 0
-    kind: str = "caption"  # caption | qa (questions with annotators' answers: data/synthetic_qa.py)
+    # shapes: one shape per image (data/synthetic.py); scenes: one to three objects, some small, with
+    # their count (data/synthetic_scenes.py), scored by attribute / count accuracy and hallucination;
+    # qa: 1-4 copies of a shape with questions and annotators' answers (data/synthetic_qa.py)
+    kind: str = "shapes"
 
 
 @dataclass
@@ -221,7 +236,7 @@ class VQAConfig:
     # VQA fine-tuning and InstructBLIP); false: the LLM prompt alone (zero-shot VQA of a stage-2 model)
     qformer_text_input: bool = True
     max_question_len: int = 35  # Q-Former tokens of the question
-    num_beams: int = 5  # answer generation (BLIP2_FACTS s.5: beam 5, at most 10 tokens)
+    num_beams: int = 5  # answer generation (docs/blip2_numerics.md s.5: beam 5, at most 10 tokens)
     max_new_tokens: int = 10
     min_new_tokens: int = 1
     length_penalty: float = -1.0  # < 0 favours the shorter beams: VQA answers are a word or two
@@ -234,6 +249,7 @@ class Blip2Config:
     stage: StageConfig = field(default_factory=StageConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -281,7 +297,7 @@ def group_choices(group: str, conf: str | os.PathLike | None = None) -> tuple[st
 VALID = {
     "encoder.precision": ("fp32", "fp16", "bf16"),
     "stage.task": ("caption", "vqa"),
-    "data.synthetic.kind": ("caption", "qa"),
+    "data.synthetic.kind": ("shapes", "scenes", "qa"),
     "trainer.strategy": ("auto", "ddp", "fsdp"),
     "llm.precision": ("fp32", "fp16", "bf16"),
     "qformer.impl": ("fast", "hf"),
@@ -343,6 +359,7 @@ def validate(cfg) -> None:
             "as 'data.train_shards=\"dir/{00000..00007}.tar\"') or data.sources; or use data=synthetic"
         )
     validate_sources(sources, cfg.data.train_shards)
+    validate_bridge(cfg)
     if cfg.qformer.num_query_tokens < 1:
         raise ValueError(f"qformer.num_query_tokens must be >= 1, got {cfg.qformer.num_query_tokens}")
     if cfg.llm.kind == "encoder_decoder" and cfg.llm.precision == "fp16" and not cfg.llm.force_fp16:
@@ -357,7 +374,7 @@ def validate_task(cfg) -> None:
 
     # read with defaults: configs stored in checkpoints written before VQA existed lack these keys
     task = OmegaConf.select(cfg, "stage.task", default="caption")
-    synthetic_kind = OmegaConf.select(cfg, "data.synthetic.kind", default="caption")
+    synthetic_kind = OmegaConf.select(cfg, "data.synthetic.kind", default="shapes")
     if task not in VALID["stage.task"]:
         raise ValueError(f"stage.task={task!r} is not valid; choose one of: {', '.join(VALID['stage.task'])}")
     if task != "vqa":
@@ -376,6 +393,28 @@ def validate_task(cfg) -> None:
                          f"'Question: {{}} Short answer:'")
     if cfg.data.get("feature_cache"):
         raise ValueError("data.feature_cache serves caption samples only; unset it for stage.task=vqa")
+
+
+def bridge_names() -> list[str]:
+    """The bridges there are: the files of conf/bridge (a new bridge is a module and a YAML file)."""
+    return sorted(p.stem for p in (CONF_DIR / "bridge").glob("*.yaml"))
+
+
+def validate_bridge(cfg) -> None:
+    """bridge.name is a file of conf/bridge; the Q-Former bridge's token count is its query count."""
+    from omegaconf import OmegaConf
+
+    name = OmegaConf.select(cfg, "bridge.name", default="qformer")
+    valid = bridge_names()
+    if name not in valid:
+        raise ValueError(f"bridge={name!r} is not valid; choose one of: {', '.join(valid)}")
+    count = OmegaConf.select(cfg, "bridge.num_tokens", default=None)
+    if cfg.stage.name == 2 and name == "qformer" and count is not None and count != cfg.qformer.num_query_tokens:
+        raise ValueError(f"bridge=qformer with bridge.num_tokens={count} but qformer.num_query_tokens="
+                         f"{cfg.qformer.num_query_tokens}: the Q-Former bridge's visual tokens are its queries; "
+                         f"set bridge.num_tokens={cfg.qformer.num_query_tokens} (it sets qformer.num_query_tokens)")
+    if count is not None and count < 1:
+        raise ValueError(f"bridge.num_tokens must be >= 1 or null, got {count}")
 
 
 def validate_sources(sources, train_shards) -> None:

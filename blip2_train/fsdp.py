@@ -4,7 +4,8 @@ Units (each a group of parameters gathered together, sharded over every rank):
 - one per block of the image encoder, of the Q-Former and of the LLM;
 - the Q-Former's other trainable parameters (query tokens, ln_vision, text embeddings, ITC
   projections, ITM and LM heads, temperature) together, in the unit of the ``QFormer`` module;
-- ``language_projection`` (stage 2);
+- ``language_projection`` (stage 2, Q-Former bridge), or the whole MLP bridge (``bridge=mlp|pool_mlp``,
+  which has no Q-Former);
 - the frozen encoder's and the frozen LLM's other parameters (patch/position/token embeddings,
   final norms, the LM head tied to the token embeddings), each in the unit of its wrapper module.
 
@@ -137,18 +138,21 @@ def shard_blip2(module: nn.Module, mesh) -> list[nn.Module]:
         shard(block)
     shard(module.encoder, root=True)
 
-    # Q-Former: its layers, then everything else it holds
+    # Q-Former: its layers, then everything else it holds (stage 2 with an MLP bridge has none)
     qformer = module.model
-    for layer in transformer_blocks(qformer.qformer):
-        shard(layer)
-        if hasattr(layer, "cross_key_value"):
-            register_fsdp_forward_method(layer, "cross_key_value")
-    shard(qformer, root=True)
-    for method in QFORMER_METHODS:
-        register_fsdp_forward_method(qformer, method)
+    if qformer is not None:
+        for layer in transformer_blocks(qformer.qformer):
+            shard(layer)
+            if hasattr(layer, "cross_key_value"):
+                register_fsdp_forward_method(layer, "cross_key_value")
+        shard(qformer, root=True)
+        for method in QFORMER_METHODS:
+            register_fsdp_forward_method(qformer, method)
 
     if hasattr(module, "language_projection"):
         shard(module.language_projection, root=True)
+    elif "bridge" in module._modules:  # an MLP bridge (models/bridges.py): one trainable unit
+        shard(module.bridge, root=True)
     if hasattr(module, "llm"):
         for block in transformer_blocks(module.llm):
             shard(block)

@@ -1,4 +1,7 @@
-"""Stage 2: the Q-Former's query outputs as soft visual prompts of a frozen LLM (docs/blip2_numerics.md s.3).
+"""Stage 2: a bridge's outputs as soft visual prompts of a frozen LLM (docs/blip2_numerics.md s.3, s.8).
+
+The bridge (``bridge`` group, models/bridges.py): the Q-Former's projected query outputs (BLIP-2), an MLP
+over every patch token (LLaVA-1.5) or over the average-pooled patch grid (DeCo).
 
 Decoder-only (OPT): [visual prompts; BOS + prompt + caption + "\\n"], plain causal LM loss on the
 caption and its "\\n". Encoder-decoder (FlanT5): prefix LM, encoder [visual prompts; prefix],
@@ -7,25 +10,43 @@ decoder target = suffix.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from blip2_train.base import Blip2Base
+from blip2_train.models.bridges import QFormerBridge, build_mlp_bridge
 from blip2_train.models.llm import build_llm
+from blip2_train.models.qformer import num_parameters
 from blip2_train.tracking import NUM_SAMPLES
+
+log = logging.getLogger(__name__)
 
 
 class Stage2Module(Blip2Base):
-    """Frozen encoder -> Q-Former (query path) -> language_projection -> frozen LLM."""
+    """Frozen encoder -> bridge (Q-Former + language_projection, or an MLP) -> frozen LLM."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.llm, self.llm_tokenizer = build_llm(cfg.llm, self.cache_dir)
         self.decoder_only = cfg.llm.kind == "decoder"
         llm_width = self.llm.model.get_input_embeddings().embedding_dim
-        self.language_projection = nn.Linear(cfg.qformer.hidden_size, llm_width)
+        self.bridge_name = OmegaConf.select(cfg, "bridge.name", default="qformer")  # older checkpoints: qformer
+        if self.bridge_name == "qformer":
+            self.language_projection = nn.Linear(cfg.qformer.hidden_size, llm_width)
+            # its parts stay registered as model.* / language_projection.* (BLIP-2's names, stage-1 init,
+            # the transformers and LAVIS maps); the bridge is a view over them, not a second registration
+            self.__dict__["bridge"] = QFormerBridge(self.model, self.language_projection)
+        else:
+            self.bridge = build_mlp_bridge(self.bridge_name, self.encoder.width, llm_width, self.encoder.num_tokens,
+                                           cfg.bridge.num_tokens, cfg.bridge.hidden_size, cfg.bridge.keep_cls)
+        self.visual_tokens = self.bridge.num_tokens  # per image: logged as bridge/visual_tokens
+        self.trainable_params = num_parameters(self, True)  # logged as bridge/trainable_params
+        log.info("bridge=%s: %d visual tokens per image, %.3fM trainable parameters", self.bridge_name,
+                 self.visual_tokens, self.trainable_params / 1e6)
         if self.decoder_only:  # "\n" ends a caption (LAVIS)
             self.end_token_id = self.llm_tokenizer("\n", add_special_tokens=False)["input_ids"][-1]
         else:
@@ -47,12 +68,10 @@ class Stage2Module(Blip2Base):
     # ------------------------------------------------------------------------------- forward
     def visual_prompts(self, images: torch.Tensor | None, vision_tokens: torch.Tensor | None = None
                        ) -> torch.Tensor:
-        """[B, 3, H, W] (or cached encoder tokens [B, N, W]) -> projected query outputs [B, Q, D_llm]."""
+        """[B, 3, H, W] (or cached encoder tokens [B, N, W]) -> the bridge's prompts [B, M, D_llm]."""
         if vision_tokens is None:
             vision_tokens = self.encoder(images)  # no_grad and detached when frozen
-        states = self.model.image_states(vision_tokens)  # ln_vision folded into K/V under impl=fast
-        query_output = self.model.query_forward(states, self.model.cross_attention_kv(states))
-        return self.language_projection(query_output)
+        return self.bridge(vision_tokens)
 
     def lm_loss(self, prompts: torch.Tensor, batch: dict) -> torch.Tensor:
         """Mean CE over target tokens; the Q visual prompts carry label -100 (never targets)."""
@@ -146,10 +165,18 @@ class Stage2Module(Blip2Base):
             return
         loss = torch.stack(self._val["loss"]).sum() / sum(self._val["count"])
         self.log("val/loss", loss, sync_dist=False)
+        # what the bridge costs, beside what it buys (the ablation's report reads these from metrics.json)
+        self.log("bridge/visual_tokens", float(self.visual_tokens))
+        self.log("bridge/trainable_params", float(self.trainable_params))
         if self._val["preds"]:
             scores = caption_metrics(self._val["preds"], self._val["refs"])
             self.log("cider", scores["cider"])
             self.log("bleu4", scores["bleu4"])
+            if OmegaConf.select(self.cfg, "data.synthetic.kind", default="shapes") == "scenes":
+                from blip2_train.metrics.scenes import scene_metrics
+
+                for name, value in scene_metrics(self._val["preds"], self._val["refs"]).items():
+                    self.log(f"val/{name}", value)
             self.predictions = {self._val["keys"][i]: c for i, c in self._val["preds"].items()}
             self.val_samples = [{**row, "reference": self._val["refs"][row.pop("image_id")][0]}
                                 for row in self._val["samples"]]

@@ -6,6 +6,9 @@
   step time once the queue of launched kernels is full. Tokens are the text tokens that are not
   padding (the Q-Former text, or the LLM text in stage 2); their count stays on the device and
   is read at log steps only.
+- Stage 2 also logs ``train/llm_tokens_per_s``: the tokens the LLM reads, the bridge's visual tokens
+  (``visual_tokens`` per sample) plus the text tokens. ``summary()`` gives the mean samples/s and
+  LLM tokens/s over the run's log intervals after the first (which holds the start-up), for metrics.json.
 - ``train/gpu_mem_max_gb``: ``torch.cuda.max_memory_allocated`` on CUDA only.
 - At each validation, the module's ``val_samples`` (a few images with their top retrieved caption
   in stage 1, or their generated caption in stage 2) go to ``run_dir/val_samples.jsonl`` always,
@@ -30,6 +33,18 @@ class Throughput(Callback):
         self._start: float | None = None
         self._samples = 0
         self._tokens: torch.Tensor | None = None
+        self._intervals: list[tuple[float, float, float]] = []  # (seconds, samples, LLM tokens) per interval
+
+    def summary(self) -> dict[str, float]:
+        """Mean ``train/samples_per_s`` (and LLM tokens/s in stage 2) over the log intervals after the first."""
+        kept = self._intervals[1:] or self._intervals
+        seconds = sum(k[0] for k in kept)
+        if not seconds:
+            return {}
+        out = {"train/samples_per_s_mean": sum(k[1] for k in kept) / seconds}
+        if any(k[2] for k in kept):
+            out["train/llm_tokens_per_s_mean"] = sum(k[2] for k in kept) / seconds
+        return out
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._start is None:
@@ -46,9 +61,15 @@ class Throughput(Callback):
         elapsed = time.perf_counter() - self._start
         world = trainer.world_size
         pl_module.log("train/samples_per_s", self._samples * world / elapsed, on_step=True, on_epoch=False)
+        llm_tokens = 0.0
         if self._tokens is not None:
             pl_module.log("train/tokens_per_s", self._tokens.float() * world / elapsed, on_step=True,
                           on_epoch=False)
+            visual = getattr(pl_module, "visual_tokens", None)
+            if visual is not None and "llm_attention_mask" in batch:  # stage 2: what the LLM reads
+                llm_tokens = float(self._tokens) + visual * self._samples  # the log step's one sync
+                pl_module.log("train/llm_tokens_per_s", llm_tokens * world / elapsed, on_step=True, on_epoch=False)
+        self._intervals.append((elapsed, self._samples * world, llm_tokens * world))
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
             pl_module.log("train/gpu_mem_max_gb", torch.cuda.max_memory_allocated(pl_module.device) / 2**30,
                           on_step=True, on_epoch=False)

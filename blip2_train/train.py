@@ -90,13 +90,14 @@ def build_loggers(cfg: DictConfig, run_dir: Path, resumed_from: int = 0) -> list
     return [logger]
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, tracker: ValidationTracker, resumed_from: int = 0) -> L.Trainer:
+def build_trainer(cfg: DictConfig, run_dir: Path, tracker: ValidationTracker, resumed_from: int = 0,
+                  throughput: Throughput | None = None) -> L.Trainer:
     from blip2_train.checkpoint_io import safe_checkpoint_io
 
     t = cfg.trainer
     every = cfg.checkpoint.every_n_steps
     callbacks = [AtomicLastCheckpoint(run_dir / "checkpoints", every_n_steps=every), tracker,
-                 Throughput(t.log_every_n_steps), ValidationSamples(run_dir), ResumeRNG()]
+                 throughput or Throughput(t.log_every_n_steps), ValidationSamples(run_dir), ResumeRNG()]
     if t.enable_progress_bar:
         from lightning.pytorch.callbacks import TQDMProgressBar
 
@@ -175,7 +176,8 @@ def train(cfg: DictConfig) -> dict:
         resumed_from = checkpoint_step(resume)
         log.info("resuming from %s (step %d)", resume, resumed_from)
     tracker = ValidationTracker()
-    trainer = build_trainer(cfg, run_dir, tracker, resumed_from)
+    throughput = Throughput(cfg.trainer.log_every_n_steps)
+    trainer = build_trainer(cfg, run_dir, tracker, resumed_from, throughput)
     datamodule = build_datamodule(cfg, module, trainer.world_size)
     if cfg.trainer.max_steps > 0:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
@@ -185,7 +187,7 @@ def train(cfg: DictConfig) -> dict:
         # an imported / initialised model is written out as a checkpoint as it is
         trainer.strategy.connect(module)
         AtomicLastCheckpoint(run_dir / "checkpoints").save(trainer)
-    extra = {**module.data_counts(), "resumed_from_step": resumed_from}
+    extra = {**module.data_counts(), **throughput.summary(), "resumed_from_step": resumed_from}
     metrics = write_metrics(run_dir, tracker.metrics, trainer.global_step, extra)
     if cfg.logger.name == "wandb":  # flush this run's files now; a later train() in this process starts its own
         import wandb

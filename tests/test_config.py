@@ -41,7 +41,7 @@ def test_default_is_the_smoke_experiment():
     assert default.qformer.hidden_size == 128 and default.optim.lr == 1e-3  # tiny preset's optimizer
 
 
-@pytest.mark.parametrize("group", ["encoder", "data", "trainer", "logger", "experiment", "stage", "llm"])
+@pytest.mark.parametrize("group", ["encoder", "data", "trainer", "logger", "experiment", "stage", "llm", "bridge"])
 def test_every_preset_composes_and_validates(group):
     options = choices(group)
     assert options, f"no presets in conf/{group}"
@@ -53,6 +53,8 @@ def test_every_preset_composes_and_validates(group):
             extra = ["stage=2"]
         if group == "data" and option == "synthetic_qa":  # questions: the VQA task's data
             extra = ["stage=2", "llm=tiny_opt", "stage.task=vqa"]
+        if group == "bridge":
+            extra = ["stage=2", "llm=tiny_opt"]
         if group == "experiment" and "stage2" in option:
             extra = ["init_from=runs/s1/checkpoints/last.ckpt"]
         cfg = make(f"{group}={option}", *extra)
@@ -213,3 +215,19 @@ def test_stage2_recipes_need_a_stage1_checkpoint():
     assert opt.optim.warmup_steps == 2000 and opt.trainer.max_steps == 80000
     t5 = make("experiment=blip2_vitg_flant5xl_stage2", "init_from=x.ckpt")
     assert t5.llm.model == "google/flan-t5-xl" and t5.llm.precision == "bf16" and t5.data.global_batch_size == 1520
+
+
+def test_bridge_ablation_sweeps_bridge_tokens_lr_and_seed_and_each_job_validates():
+    cfg = make("experiment=bridge_ablation")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        hydra_cfg = compose("config", overrides=["experiment=bridge_ablation"], return_hydra_config=True).hydra
+    params = hydra_cfg.sweeper.params
+    assert str(hydra_cfg.mode) == "RunMode.MULTIRUN" and set(params) == {"bridge", "bridge.num_tokens", "optim.lr", "seed"}
+    assert cfg.data.synthetic.kind == "scenes" and cfg.llm.tiny.corpus == "scenes" and not cfg.data.train_augment
+    for bridge in params["bridge"].split(","):
+        for tokens in params["bridge.num_tokens"].split(","):
+            job = make("experiment=bridge_ablation", f"bridge={bridge}", f"bridge.num_tokens={tokens}")
+            validate(job)
+            assert job.bridge.name == bridge and job.bridge.num_tokens == int(tokens)
+            if bridge == "qformer":
+                assert job.qformer.num_query_tokens == int(tokens)

@@ -81,14 +81,25 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def _renderer(kind: str):
+    """``data.synthetic.kind``: shapes (one shape, this file) or scenes (data/synthetic_scenes.py)."""
+    if kind == "shapes":
+        return render_sample
+    if kind == "scenes":
+        from blip2_train.data.synthetic_scenes import render_scene
+
+        return render_scene
+    raise ValueError(f"data.synthetic.kind={kind!r} is not valid; choose one of: shapes, scenes")
+
+
 def _write_split(out_dir: Path, count: int, start_id: int, image_size: int, per_shard: int,
-                 rng: random.Random) -> int:
+                 rng: random.Random, render=render_sample) -> int:
     """``count`` samples into ``out_dir/00000.tar``, ...; returns the number of shards."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for shard_index, first in enumerate(range(0, count, per_shard)):
         with tarfile.open(out_dir / f"{shard_index:05d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
             for image_id in range(start_id + first, start_id + min(first + per_shard, count)):
-                image, caption, attrs = render_sample(rng, image_size)
+                image, caption, attrs = render(rng, image_size)
                 buffer = io.BytesIO()
                 image.save(buffer, format="PNG", compress_level=1)  # lossless either way; 1 is fastest
                 key = f"{image_id:09d}"
@@ -100,7 +111,8 @@ def _write_split(out_dir: Path, count: int, start_id: int, image_size: int, per_
 
 
 def write_synthetic_shards(out_dir: str | os.PathLike, num_train: int = 4000, num_val: int = 100,
-                           image_size: int = 64, samples_per_shard: int = 500, seed: int = 0) -> dict:
+                           image_size: int = 64, samples_per_shard: int = 500, seed: int = 0,
+                           kind: str = "shapes") -> dict:
     """Write ``out_dir/{train,val}/00000.tar, ...`` and ``out_dir/manifest.json``; returns the manifest.
 
     Written into a temporary sibling and renamed, so concurrent writers (DDP ranks) are safe: the
@@ -110,8 +122,11 @@ def write_synthetic_shards(out_dir: str | os.PathLike, num_train: int = 4000, nu
         raise ValueError(f"need num_train, num_val >= 0, samples_per_shard >= 1, image_size >= 8; got "
                          f"{num_train}, {num_val}, {samples_per_shard}, {image_size}")
     out_dir = Path(out_dir)
+    render = _renderer(kind)
     params = {"num_train": num_train, "num_val": num_val, "image_size": image_size,
               "samples_per_shard": samples_per_shard, "seed": seed}
+    if kind != "shapes":
+        params["kind"] = kind
     if out_dir.exists() and any(out_dir.iterdir()):
         existing = _read_manifest(out_dir)
         if existing is not None and existing.get("params") == params:
@@ -122,9 +137,11 @@ def write_synthetic_shards(out_dir: str | os.PathLike, num_train: int = 4000, nu
     rng = random.Random(seed)
     manifest = {
         "train": {"samples": num_train,
-                  "shards": _write_split(tmp / "train", num_train, 0, image_size, samples_per_shard, rng)},
+                  "shards": _write_split(tmp / "train", num_train, 0, image_size, samples_per_shard, rng,
+                                             render)},
         "val": {"samples": num_val,
-                "shards": _write_split(tmp / "val", num_val, num_train, image_size, samples_per_shard, rng)},
+                "shards": _write_split(tmp / "val", num_val, num_train, image_size, samples_per_shard, rng,
+                                           render)},
         "image_size": image_size, "seed": seed, "skipped": 0, "params": params,
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -150,6 +167,9 @@ def _read_manifest(out_dir: Path) -> dict | None:
 def synthetic_dir(cfg) -> Path:
     """Where the set described by ``cfg`` (a SyntheticConfig) lives: one dir per parameter set."""
     name = f"n{cfg.num_train}-{cfg.num_val}-s{cfg.image_size}-k{cfg.samples_per_shard}-seed{cfg.seed}-v1"
+    kind = getattr(cfg, "kind", "shapes")
+    if kind != "shapes":
+        name = f"{kind}-{name}"
     return Path(cfg.cache_dir) / name
 
 
@@ -158,5 +178,5 @@ def ensure_synthetic_shards(cfg) -> tuple[str, str]:
     root = synthetic_dir(cfg)
     if not (root / "manifest.json").exists():
         write_synthetic_shards(root, cfg.num_train, cfg.num_val, cfg.image_size, cfg.samples_per_shard,
-                               cfg.seed)
+                               cfg.seed, getattr(cfg, "kind", "shapes"))
     return str(root / "train"), str(root / "val")

@@ -76,8 +76,8 @@ def expand_urls(spec: str) -> list[str]:
 
 
 def ensure_synthetic(synthetic_cfg) -> tuple[str, str]:
-    """The generated synthetic set's train and val dirs: captions, or questions (``kind: qa``)."""
-    kind = synthetic_cfg.get("kind", "caption")
+    """The generated synthetic set's train and val dirs: captions (``kind: shapes | scenes``), or questions (``kind: qa``)."""
+    kind = synthetic_cfg.get("kind", "shapes")
     if kind == "qa":
         from blip2_train.data.synthetic_qa import ensure_synthetic_qa_shards
 

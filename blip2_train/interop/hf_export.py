@@ -66,6 +66,10 @@ def export_module(module, output_dir: str | Path, vision: bool = True) -> Path:
         Blip2Processor,
     )
 
+    if getattr(module, "bridge_name", "qformer") != "qformer":  # an MLP bridge: LLaVA, or a clear refusal
+        from blip2_train.interop.llava_export import export_llava
+
+        return export_llava(module, output_dir)
     cfg = module.cfg
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

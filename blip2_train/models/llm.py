@@ -142,11 +142,13 @@ def _pretrained(llm_cfg, dtype):
 
 
 def pretrain_tiny_llm(model: nn.Module, tokenizer, kind: str, steps: int, cache_dir, seed: int = 0,
-                      qa_prompt: str | None = None) -> None:
+                      qa_prompt: str | None = None, corpus: str = "shapes") -> None:
     """Teach a tiny random LLM the synthetic caption language (text only) before it is frozen.
 
     A frozen *random* LLM predicts near-uniform tokens whatever the visual prompts say, so
-    stage 2 would have nothing to steer; a real BLIP-2 LLM knows language. The result is cached
+    stage 2 would have nothing to steer; a real BLIP-2 LLM knows language. ``corpus`` (``llm.tiny.corpus``)
+    is the caption language: ``shapes`` (data/synthetic.py) or ``scenes`` (data/synthetic_scenes.py,
+    for data=synthetic_scenes). The result is cached
     in ``cache_dir`` (keyed by sizes, steps and seed), so every run gets the same frozen LLM.
 
     ``qa_prompt`` (``llm.tiny.pretrain_qa``, e.g. "Question: {} Short answer:"): half of each batch is
@@ -157,10 +159,16 @@ def pretrain_tiny_llm(model: nn.Module, tokenizer, kind: str, steps: int, cache_
     import random
 
     from blip2_train.data.llm_text import DecoderOnlyCollate, PrefixLMCollate
-    from blip2_train.data.synthetic import random_caption
+    if corpus == "scenes":
+        from blip2_train.data.synthetic_scenes import random_scene_caption as random_caption
+    elif corpus == "shapes":
+        from blip2_train.data.synthetic import random_caption
+    else:
+        raise ValueError(f"llm.tiny.corpus={corpus!r} is not valid; choose one of: shapes, scenes")
 
     qa_key = f"-qa:{qa_prompt}" if qa_prompt else ""  # absent: the caption-only cache keys stay as they were
-    key = hashlib.sha1(f"{kind}-{model.config.to_json_string()}-{steps}-{seed}-v1{qa_key}".encode()).hexdigest()[:12]
+    version = "v1" if corpus == "shapes" else f"{corpus}-v1"  # shapes keeps the key earlier runs cached
+    key = hashlib.sha1(f"{kind}-{model.config.to_json_string()}-{steps}-{seed}-{version}{qa_key}".encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"tiny-{kind}-lm-{key}.pt"
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -248,7 +256,8 @@ def build_llm(llm_cfg, cache_dir: str | os.PathLike) -> tuple[FrozenLLM, object]
         steps = int(dict(llm_cfg.tiny).get("pretrain_steps", 0))
         if steps:
             pretrain_tiny_llm(model, tokenizer, llm_cfg.kind, steps, cache_dir,
-                              qa_prompt=dict(llm_cfg.tiny).get("pretrain_qa"))
+                              qa_prompt=dict(llm_cfg.tiny).get("pretrain_qa"),
+                              corpus=str(dict(llm_cfg.tiny).get("corpus", "shapes")))
         model = model.to(dtype)
     else:
         model, tokenizer = _pretrained(llm_cfg, dtype)
