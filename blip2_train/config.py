@@ -80,6 +80,9 @@ class OptimConfig:
     # fused: torch's single-kernel AdamW (CPU and CUDA); foreach; for_loop. LAVIS uses torch's
     # default: foreach on CUDA, for_loop on CPU. Same update rule; results differ by rounding.
     implementation: str = "fused"
+    # Layer-wise lr decay of a trainable image encoder (encoder.freeze=false): block i of L trains at
+    # lr x layer_decay^(L - i), the embeddings at lr x layer_decay^(L + 1) (LAVIS retrieval: 0.95). 1.0 = off.
+    layer_decay: float = 1.0
 
 
 @dataclass
@@ -273,8 +276,8 @@ def validate(cfg) -> None:
     from omegaconf import OmegaConf
 
     if cfg.requires_init_from and not cfg.init_from:
-        raise ValueError(f"experiment {cfg.experiment_name} starts from a stage-1 checkpoint: add "
-                         f"init_from=runs/<stage1>/checkpoints/last.ckpt")
+        raise ValueError(f"experiment {cfg.experiment_name} starts from an earlier run (its header names "
+                         f"which stage): add init_from=runs/<that run>/checkpoints/last.ckpt")
     for key, valid in VALID.items():
         value = OmegaConf.select(cfg, key)
         if value not in valid:
@@ -284,6 +287,12 @@ def validate(cfg) -> None:
     if cfg.trainer.compile_mode != "default" and not cfg.trainer.compile:
         raise ValueError(f"trainer.compile_mode={cfg.trainer.compile_mode} applies to a compiled Q-Former: "
                          f"add trainer.compile=true")
+    if cfg.optim.layer_decay != 1.0 and cfg.encoder.freeze:
+        raise ValueError(f"optim.layer_decay={cfg.optim.layer_decay} scales the learning rates of a trainable "
+                         f"image encoder: add encoder.freeze=false, or set optim.layer_decay=1.0")
+    if not cfg.encoder.freeze and cfg.data.get("feature_cache"):
+        raise ValueError(f"data.feature_cache={cfg.data.feature_cache} holds a frozen encoder's tokens, but "
+                         f"encoder.freeze=false trains the encoder on the images: drop data.feature_cache")
     if cfg.stage.name == 2 and cfg.llm.name == "none":
         raise ValueError("stage=2 needs an LLM: add llm=opt, llm=flant5, llm=tiny_opt or llm=tiny_t5")
     sources = cfg.data.get("sources") or []

@@ -42,8 +42,8 @@ def test_every_preset_composes_and_validates(group):
             extra = ["llm=tiny_opt"]
         if group == "llm" and option != "none":
             extra = ["stage=2"]
-        if group == "experiment" and "stage2" in option:
-            extra = ["init_from=runs/s1/checkpoints/last.ckpt"]
+        if group == "experiment" and make(f"experiment={option}").requires_init_from:
+            extra = ["init_from=runs/earlier/checkpoints/last.ckpt"]  # stage 2 and fine-tuning recipes
         cfg = make(f"{group}={option}", *extra)
         if cfg.data.name == "webdataset":
             cfg.data.train_shards = "/data/shards"
