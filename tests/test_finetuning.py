@@ -116,7 +116,9 @@ def _stage1(cache, *overrides):
 
     cfg = make(f"cache_dir={cache}", "qformer.num_hidden_layers=2", *overrides)
     torch.manual_seed(0)
-    return Stage1Module(cfg)
+    module = Stage1Module(cfg)
+    module._pad_for_gather = lambda ids, mask: (ids, mask)  # no trainer: one process, equal lengths
+    return module
 
 
 def _batch(module, size=6, length=10):
@@ -318,7 +320,7 @@ def test_recipes_build_at_real_size_on_the_meta_device(recipe):
             llm = OPTForCausalLM(opt)
         assert 2.6e9 < sum(p.numel() for p in llm.parameters()) < 2.7e9
     optimizer = build_optimizer(model, cfg.optim, cfg.trainer.max_steps)["optimizer"]
-    lr = _lr_of(optimizer)
+    lr = {id(p): group["initial_lr"] for group in optimizer.param_groups for p in group["params"]}  # peak rates
     params = dict(model.named_parameters())
     base = cfg.optim.lr
     if cfg.optim.layer_decay == 1.0:
@@ -329,3 +331,65 @@ def test_recipes_build_at_real_size_on_the_meta_device(recipe):
         assert lr[id(params["encoder.vit.pos_embed"])] == pytest.approx(base * 0.12851215656510308)  # 0.95^40
         assert lr[id(params["model.query_tokens"])] == base
         assert len(optimizer.param_groups) == 2 + 40 * 2  # Q-Former (decay, no decay) + 40 ViT layers x 2
+
+
+# ------------------------------------------------------------- the tiny fine-tuning runs (done-when)
+# The tiny chain on synthetic data: stage 1 -> stage 2 -> caption fine-tuning (experiment=blip2_caption_ft_tiny),
+# stage 1 -> retrieval fine-tuning (experiment=blip2_retrieval_ft_tiny). The starts validate with the
+# recipes' evaluation settings (k_test 16; beam 2, 4 to 16 tokens after "a photo of"), so their metrics are
+# the fine-tuning runs' starting points.
+CHAIN = ["trainer=cpu", "trainer.enable_progress_bar=false", "logger=none", "data.num_workers=0",
+         "qformer.num_hidden_layers=2", "data.batch_size=16", "data.synthetic.num_train=512",
+         "data.synthetic.num_val=50", "data.synthetic.samples_per_shard=256", "data.samples_per_epoch=512"]
+START_STEPS = 60
+
+
+@pytest.fixture(scope="module")
+def tiny_starts(tmp_path_factory):
+    """A tiny stage-1 run and a stage-2 run from it, START_STEPS steps each: (root, stage 1, stage 2 metrics)."""
+    from blip2_train.train import train
+
+    root = tmp_path_factory.mktemp("chain")
+    common = [f"cache_dir={root / 'cache'}", *CHAIN, f"trainer.max_steps={START_STEPS}"]
+    stage1 = train(make(*common, f"run_dir={root / 's1'}", "retrieval.k_test=16"))
+    stage2 = train(make(*common, f"run_dir={root / 's2'}", "stage=2", "llm=tiny_opt",
+                        f"init_from={root / 's1' / 'checkpoints' / 'last.ckpt'}", "generation.num_beams=2",
+                        "generation.max_new_tokens=16", "generation.min_new_tokens=4"))
+    return root, stage1, stage2
+
+
+def _finetune(root, recipe, start, name, *extra):
+    from blip2_train.train import train
+
+    return train(make(f"experiment={recipe}", f"cache_dir={root / 'cache'}", *CHAIN, f"run_dir={root / name}",
+                      f"init_from={root / start / 'checkpoints' / 'last.ckpt'}", *extra))
+
+
+def _state(root, run):
+    return torch.load(root / run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.mark.slow  # the stage-1 and stage-2 starts and the fine-tuning: minutes on 2 cores
+def test_caption_finetuning_trains_the_encoder_and_raises_cider(tiny_starts):
+    root, _, stage2 = tiny_starts
+    tuned = _finetune(root, "blip2_caption_ft_tiny", "s2", "caption_ft")
+    start, end = _state(root, "s2"), _state(root, "caption_ft")
+    encoder = [k for k in start if k.startswith("encoder.vit.") and k.endswith("weight")]
+    change = sum(((end[k] - start[k]) ** 2).sum() for k in encoder).sqrt().item()
+    print(f"caption fine-tuning: CIDEr {stage2['cider']:.4f} -> {tuned['cider']:.4f}, BLEU-4 {stage2['bleu4']:.4f} "
+          f"-> {tuned['bleu4']:.4f}, encoder weight change norm {change:.3f}")
+    assert len(encoder) > 20 and all(not torch.equal(start[k], end[k]) for k in encoder)
+    assert tuned["cider"] > stage2["cider"] + 0.05
+
+
+@pytest.mark.slow
+def test_retrieval_finetuning_raises_r1_over_its_stage1_start(tiny_starts):
+    root, stage1, _ = tiny_starts
+    tuned = _finetune(root, "blip2_retrieval_ft_tiny", "s1", "retrieval_ft")
+    start, end = _state(root, "s1"), _state(root, "retrieval_ft")
+    change = sum(((end[k] - start[k]) ** 2).sum() for k in start if k.startswith("encoder.")).sqrt().item()
+    r1 = {name: {k: m[f"{k}_r1"] for k in ("itm/txt", "itm/img", "itc/txt", "itc/img")}
+          for name, m in (("start", stage1), ("tuned", tuned))}
+    print(f"retrieval fine-tuning: R@1 {r1['start']} -> {r1['tuned']}, encoder weight change norm {change:.3f}")
+    mean = {name: (r["itm/txt"] + r["itm/img"]) / 2 for name, r in r1.items()}  # the re-ranked R@1
+    assert mean["tuned"] > mean["start"] + 0.04 and change > 0
