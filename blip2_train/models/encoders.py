@@ -367,9 +367,9 @@ class FrozenImageEncoder(nn.Module):
         old = round((value.shape[-2] - num_prefix) ** 0.5)
         if old * old + num_prefix != value.shape[-2]:
             return state  # not a square grid: left for the report's shape mismatch
-        grid = (self.num_tokens - num_prefix) ** 0.5
-        resized = _resample_positions(value.float().reshape(1, -1, value.shape[-1]), (round(grid),) * 2,
-                                      (old, old), num_prefix)
+        grid = round((self.num_tokens - num_prefix) ** 0.5)
+        resized = _resample_positions(value.float().reshape(1, -1, value.shape[-1]), (grid, grid), (old, old),
+                                      num_prefix)  # [1, prefix + grid^2, W]
         log.info("%s: position embedding resampled from a %dx%d grid to %dx%d", key, old, old, grid, grid)
         return {**state, key: resized.reshape(target.shape).to(value.dtype)}
 
