@@ -98,6 +98,8 @@ def load_init(module: nn.Module, path: str | Path) -> dict:
         state = import_external(path, module)
     else:
         state, omitted = read_checkpoint(path)
+    if hasattr(getattr(module, "encoder", None), "fit_positions"):  # a ViT trained at another image size
+        state = module.encoder.fit_positions(state)
     skip = ("seen_samples", "skipped_samples", "nonfinite_steps", "source_samples")  # a run's counters, not weights: they start at 0
     skip += ("encoder.",) if _encoder_frozen(module) else ()
     if hasattr(module, "llm"):  # the frozen LLM comes from its own weights, never from init_from
@@ -122,6 +124,8 @@ def load_init(module: nn.Module, path: str | Path) -> dict:
 
 
 def _encoder_frozen(module) -> bool:
+    """A frozen encoder with pretrained weights comes from them; a trainable one (encoder.freeze=false,
+    fine-tuning) is always loaded from init_from, whose ViT it continues."""
     cfg = getattr(module, "cfg", None)
     return bool(cfg is not None and cfg.encoder.pretrained and cfg.encoder.freeze)
 

@@ -94,6 +94,9 @@ class OptimConfig:
     # fused: torch's single-kernel AdamW (CPU and CUDA); foreach; for_loop. LAVIS uses torch's
     # default: foreach on CUDA, for_loop on CPU. Same update rule; results differ by rounding.
     implementation: str = "fused"
+    # Layer-wise lr decay of a trainable image encoder (encoder.freeze=false): block i of L trains at
+    # lr x layer_decay^(L - i), the embeddings at lr x layer_decay^(L + 1) (LAVIS retrieval: 0.95). 1.0 = off.
+    layer_decay: float = 1.0
 
 
 @dataclass
@@ -330,8 +333,8 @@ def validate(cfg) -> None:
     from omegaconf import OmegaConf
 
     if cfg.requires_init_from and not cfg.init_from:
-        raise ValueError(f"experiment {cfg.experiment_name} starts from a stage-1 checkpoint: add "
-                         f"init_from=runs/<stage1>/checkpoints/last.ckpt")
+        raise ValueError(f"experiment {cfg.experiment_name} starts from an earlier run (its header names "
+                         f"which stage): add init_from=runs/<that run>/checkpoints/last.ckpt")
     conf = conf_dir()
     for group in NAMED_GROUPS:
         value = OmegaConf.select(cfg, f"{group}.name")
@@ -349,6 +352,12 @@ def validate(cfg) -> None:
         raise ValueError(f"trainer.compile_mode={cfg.trainer.compile_mode} applies to a compiled Q-Former: "
                          f"add trainer.compile=true")
     validate_task(cfg)
+    if cfg.optim.layer_decay != 1.0 and cfg.encoder.freeze:
+        raise ValueError(f"optim.layer_decay={cfg.optim.layer_decay} scales the learning rates of a trainable "
+                         f"image encoder: add encoder.freeze=false, or set optim.layer_decay=1.0")
+    if not cfg.encoder.freeze and cfg.data.get("feature_cache"):
+        raise ValueError(f"data.feature_cache={cfg.data.feature_cache} holds a frozen encoder's tokens, but "
+                         f"encoder.freeze=false trains the encoder on the images: drop data.feature_cache")
     if cfg.stage.name == 2 and cfg.llm.name == "none":
         llms = [f"llm={name}" for name in group_choices("llm", conf) if name != "none"]
         raise ValueError(f"stage=2 needs an LLM: add one of {', '.join(llms)}")

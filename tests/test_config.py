@@ -55,8 +55,8 @@ def test_every_preset_composes_and_validates(group):
             extra = ["stage=2", "llm=tiny_opt", "stage.task=vqa"]
         if group == "bridge":
             extra = ["stage=2", "llm=tiny_opt"]
-        if group == "experiment" and "stage2" in option:
-            extra = ["init_from=runs/s1/checkpoints/last.ckpt"]
+        if group == "experiment" and make(f"experiment={option}").requires_init_from:
+            extra = ["init_from=runs/earlier/checkpoints/last.ckpt"]  # stage 2 and fine-tuning recipes
         cfg = make(f"{group}={option}", *extra)
         if group in NAMED_GROUPS:  # the preset's name field is its file name, or that of the preset it extends
             import yaml

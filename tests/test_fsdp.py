@@ -17,6 +17,8 @@ SMALL = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "traine
          "qformer.num_hidden_layers=2", "trainer.log_every_n_steps=1"]
 STAGE2 = ["stage=2", "llm=tiny_opt", "llm.tiny.pretrain_steps=0", "generation.num_beams=2",
           "generation.max_new_tokens=4", "generation.min_new_tokens=1"]
+# fine-tuning (issue 19): the ViT's blocks become trainable units, recomputed in backward
+ENCODER_TRAINS = ["encoder.freeze=false", "encoder.gradient_checkpointing=true"]
 
 
 def _module(cache, stage):
@@ -26,8 +28,10 @@ def _module(cache, stage):
     from blip2_train.train import build_module
 
     register_configs()
+    stage, _, variant = stage.partition("+")  # "1+encoder": stage 1 with a trainable encoder
     overrides = [f"cache_dir={cache}", "qformer.num_hidden_layers=2", "qformer.hidden_dropout_prob=0",
                  "qformer.attention_probs_dropout_prob=0"] + (STAGE2 if stage == "2" else [])
+    overrides += ENCODER_TRAINS if variant == "encoder" else []
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=normalize_overrides(overrides))
     torch.manual_seed(0)
@@ -95,7 +99,7 @@ def _grad_worker(rank, world, port, cache, stage, out):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("stage", ["1", "2"])
+@pytest.mark.parametrize("stage", ["1", "2", "1+encoder"])
 def test_fsdp_loss_and_gradients_equal_ddp(cache, stage, free_port):
     _module(cache, stage)  # writes the tiny tokenizers once, before two processes race for them
     out = mp.get_context("spawn").Manager().dict()
@@ -106,7 +110,8 @@ def test_fsdp_loss_and_gradients_equal_ddp(cache, stage, free_port):
         assert result["sharded"]
         for name, (ddp, fsdp) in result["losses"].items():
             assert fsdp == pytest.approx(ddp, abs=1e-5), name
-        assert len(result["grads"]) > (40 if stage == "1" else 25)  # every trainable tensor compared
+        assert len(result["grads"]) > {"1": 40, "2": 25, "1+encoder": 90}[stage]  # every trainable tensor compared
+        assert any(name.startswith("encoder.") for name in result["grads"]) == (stage == "1+encoder")
         worst = max(diff for diff, _ in result["grads"].values())
         print(f"rank {rank}: loss {result['losses']['loss']}, max |grad diff| {worst:.2e}")
         for name, (diff, scale) in result["grads"].items():
@@ -148,3 +153,21 @@ def test_fsdp_run_saves_shards_resumes_consolidates_and_evaluates(tmp_path, cach
     assert [r["step"] for r in table] == [2] * 4 + [4] * 4  # one table per validation, rank 0 only
     text = "generated_caption" if stage == "2" else "top_retrieved_caption"
     assert all(isinstance(r[text], str) for r in table)
+
+
+@pytest.mark.slow  # two two-process runs (about two minutes on 2 free cores)
+def test_fsdp_run_with_a_trainable_encoder_saves_it_and_resumes(tmp_path, cache):
+    """encoder.freeze=false under FSDP2: the ViT's blocks train as sharded units (gradient checkpointing
+    on), the shards hold them, a resumed run continues them, and the consolidated file carries them."""
+    from blip2_train.consolidate import consolidate
+
+    run, extra = tmp_path / "run", ["encoder=tiny_eva", *ENCODER_TRAINS]
+    first = _run(tmp_path, cache, run, "trainer.max_steps=2", *extra)
+    at_two = consolidate(run / "checkpoints" / "last.ckpt", tmp_path / "two.ckpt")["state_dict"]
+    second = _run(tmp_path, cache, run, "trainer.max_steps=4", *extra)
+    assert (first["global_step"], second["global_step"], second["resumed_from_step"]) == (2, 4, 2)
+    at_four = consolidate(run / "checkpoints" / "last.ckpt", tmp_path / "four.ckpt")["state_dict"]
+    encoder = [k for k in at_four if k.startswith("encoder.vit.blocks.") and k.endswith("weight")]
+    assert len(encoder) > 20 and encoder[0] in at_two
+    moved = [k for k in encoder if not torch.equal(at_two[k], at_four[k])]
+    assert len(moved) == len(encoder), sorted(set(encoder) - set(moved))[:5]

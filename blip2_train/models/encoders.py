@@ -352,6 +352,41 @@ class FrozenImageEncoder(nn.Module):
             (vit if self.kind == "eva" else visual).set_grad_checkpointing(True)
         self.gradient_checkpointing = bool(gradient_checkpointing)
 
+    def fit_positions(self, state: dict, prefix: str = "encoder.") -> dict:
+        """``state`` with a position embedding of another image size resampled to this encoder's grid
+        (bicubic, as :func:`_resample_positions`): a ViT fine-tuned at 224 px initialises one at 364 px,
+        as LAVIS's ``interpolate_pos_embed`` does on load. Other tensors are left as they are."""
+        if self.kind == "eva":
+            key, num_prefix = prefix + "vit.pos_embed", 0 if self.vit.no_embed_class else self.vit.num_prefix_tokens
+            target = self.vit.pos_embed
+        else:
+            key, num_prefix, target = prefix + "vit.positional_embedding", 1, self.vit.positional_embedding
+        value = state.get(key)
+        if value is None or value.shape == target.shape or value.shape[-1] != target.shape[-1]:
+            return state
+        old = round((value.shape[-2] - num_prefix) ** 0.5)
+        if old * old + num_prefix != value.shape[-2]:
+            return state  # not a square grid: left for the report's shape mismatch
+        grid = round((self.num_tokens - num_prefix) ** 0.5)
+        resized = _resample_positions(value.float().reshape(1, -1, value.shape[-1]), (grid, grid), (old, old),
+                                      num_prefix)  # [1, prefix + grid^2, W]
+        log.info("%s: position embedding resampled from a %dx%d grid to %dx%d", key, old, old, grid, grid)
+        return {**state, key: resized.reshape(target.shape).to(value.dtype)}
+
+    def layer_index(self, name: str) -> int:
+        """LAVIS's layer number of parameter ``name`` (relative to this module, e.g. ``vit.blocks.3.mlp.fc1.weight``),
+        for layer-wise learning-rate decay: 0 for the patch, class and position embeddings (and CLIP's
+        ``ln_pre``, which acts on them), ``i + 1`` for block ``i``, ``depth`` for anything else."""
+        name = name.removeprefix("vit.")
+        blocks = "blocks." if self.kind == "eva" else "transformer.resblocks."
+        if name.startswith(blocks):
+            return int(name[len(blocks):].split(".", 1)[0]) + 1
+        embeddings = (("cls_token", "reg_token", "pos_embed", "patch_embed.") if self.kind == "eva" else
+                      ("class_embedding", "positional_embedding", "conv1.", "ln_pre."))
+        if name.startswith(embeddings):
+            return 0
+        return self.depth
+
     def train(self, mode: bool = True):
         """A frozen encoder stays in eval mode whatever is asked (no dropout or drop-path)."""
         super().train(mode and not self.frozen)
