@@ -99,3 +99,38 @@ def test_command_writes_the_cache_of_the_composed_run(setup, tmp_path):
                     f"data.feature_cache={tmp_path / 'f'}", "trainer=cpu"])
     assert summary["shards"] == 2 and summary["samples"] == 40
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "f").iterdir()) == ["00000", "00001"]
+
+
+def test_stage2_loss_from_cached_features_equals_the_loss_from_images(setup, tmp_path, monkeypatch):
+    """Stage 2 fed the cache's tokens: the same visual prompts and language-model loss as from the images,
+    without running the encoder."""
+    from blip2_train.stage2 import Stage2Module
+    from blip2_train.train import build_datamodule
+
+    root = setup["root"]
+    overrides = [f"cache_dir={root / 'cache'}", f"data.train_shards={root / 'set' / 'train'}", "data.batch_size=8",
+                 "data.num_workers=0", "data.samples_per_epoch=16", "data.train_augment=false",
+                 "qformer.num_hidden_layers=2", "data.shuffle_buffer=20", "stage=2", "llm=tiny_opt",
+                 "llm.tiny.pretrain_steps=0"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=normalize_overrides(overrides))
+    module = Stage2Module(cfg).eval()
+    write_feature_cache(module.encoder, cfg.encoder, setup["urls"], str(tmp_path / "features"), batch_size=16,
+                        progress=False)
+    cached_cfg = cfg.copy()
+    with open_dict(cached_cfg):
+        cached_cfg.data.feature_cache = str(tmp_path / "features")
+    plain = next(iter(build_datamodule(cfg, module).train_dataloader()))
+    cached = next(iter(build_datamodule(cached_cfg, module).train_dataloader()))
+    assert plain["key"] == cached["key"] and "image" not in cached
+    with torch.no_grad():
+        expected = module.lm_loss(module.visual_prompts(plain["image"]), plain)
+
+        def no_encoder(*args, **kwargs):
+            raise AssertionError("the encoder ran although the batch holds its tokens")
+
+        monkeypatch.setattr(module.encoder, "forward", no_encoder)
+        # what Stage2Module.training_step computes from a batch
+        got = module.lm_loss(module.visual_prompts(cached.get("image"), cached.get("vision_tokens")), cached)
+    assert 0.5 < float(expected) < 20
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

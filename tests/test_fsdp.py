@@ -119,6 +119,12 @@ def test_fsdp_loss_and_gradients_equal_ddp(cache, stage, free_port):
         assert max(scale for _, scale in result["grads"].values()) > 1e-3  # gradients are not all zero
 
 
+def _csv_losses(path):
+    import csv
+
+    return [float(r["train/loss"]) for r in csv.DictReader(path.read_text().splitlines()) if r.get("train/loss")]
+
+
 def _run(tmp_path, cache, run, *extra):
     cmd = [sys.executable, "-m", "blip2_train", f"run_dir={run}", f"cache_dir={cache}", *SMALL, *extra]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -142,6 +148,13 @@ def test_fsdp_run_saves_shards_resumes_consolidates_and_evaluates(tmp_path, cach
     assert sorted(p.name for p in last.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
     second = _run(tmp_path, cache, run, "trainer.max_steps=4", *extra)
     assert second["global_step"] == 4 and second["resumed_from_step"] == 2
+    if stage == "1":  # the resumed steps are an uninterrupted run's (the LR is in warmup: max_steps moves nothing)
+        _run(tmp_path, cache, tmp_path / "uninterrupted", "trainer.max_steps=4", *extra)
+        expected = _csv_losses(tmp_path / "uninterrupted" / "logs" / "metrics.csv")
+        resumed = _csv_losses(run / "logs" / "metrics.csv") + _csv_losses(run / "logs" / "from_step_2" / "metrics.csv")
+        assert len(expected) == len(resumed) == 4
+        # 1e-5: CPU run-to-run noise is ~5e-7 (test_runs_cli); a wrong resume moves losses by 1e-2 or more
+        assert resumed == pytest.approx(expected, rel=0, abs=1e-5), (resumed, expected)
     one = tmp_path / "one.ckpt"
     checkpoint = consolidate(last, one)
     assert checkpoint["global_step"] == 4 and "optimizer_states" not in checkpoint

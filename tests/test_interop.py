@@ -206,6 +206,8 @@ def to_lavis(state: dict) -> dict:
                 .replace(".crossattention.attention.", ".crossattention.self.")] = value
         elif key.startswith("model.lm_head."):
             out["Qformer.cls.predictions." + key[len("model.lm_head."):]] = value
+            if key == "model.lm_head.bias":  # LAVIS's state_dict() holds the tied decoder bias under both names
+                out["Qformer.cls.predictions.decoder.bias"] = value
         elif key == "model.temp":
             out["temp"] = value.reshape(())  # LAVIS's temperature is 0-d
         elif key.startswith("model."):
@@ -241,6 +243,20 @@ def test_lavis_checkpoint_reproduces_the_model(stage1_run, cache, tmp_path, caps
                               module.model.temperature)
     for ours, imported in zip(source.outputs, fresh.outputs):
         assert torch.equal(ours, imported)
+
+
+def test_lavis_tied_decoder_bias_is_one_tensor():
+    """A LAVIS stage-1 state dict holds Qformer.cls.predictions.decoder.bias, tied to .bias: it maps onto
+    lm_head.bias (nothing unexpected); a file whose two differ is not LAVIS's and is refused."""
+    from blip2_train.interop.names import lavis_to_hf
+
+    bias = torch.randn(5)
+    both = lavis_to_hf({"Qformer.cls.predictions.bias": bias, "Qformer.cls.predictions.decoder.bias": bias})
+    assert set(both) == {"lm_head.bias"} and torch.equal(both["lm_head.bias"], bias)
+    alone = lavis_to_hf({"Qformer.cls.predictions.decoder.bias": bias})
+    assert set(alone) == {"lm_head.bias"} and torch.equal(alone["lm_head.bias"], bias)
+    with pytest.raises(ValueError, match="differs from Qformer.cls.predictions.bias"):
+        lavis_to_hf({"Qformer.cls.predictions.bias": bias, "Qformer.cls.predictions.decoder.bias": bias + 1})
 
 
 def test_pickled_objects_are_refused(tmp_path):

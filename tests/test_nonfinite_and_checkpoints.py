@@ -124,3 +124,40 @@ def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(cache, free_p
     out = mp.get_context("spawn").Manager().dict()
     mp.start_processes(_skip_worker, args=(2, free_port, str(cache), out), nprocs=2, start_method="spawn")
     assert out[0] == out[1] == [True, 1, False]  # both skip, both count it; then both step again
+
+
+STAGE2 = ["stage=2", "llm=tiny_opt", "llm.tiny.pretrain_steps=0", "generation.num_beams=1",
+          "generation.max_new_tokens=3", "generation.min_new_tokens=1"]
+
+
+def test_stage2_nonfinite_loss_skips_the_update_and_is_counted(tmp_path, cache, monkeypatch):
+    """Stage 2: a NaN language-model loss at step 1 leaves every trainable weight (Q-Former and
+    projection) as it was, is counted, and the steps around it train."""
+    from blip2_train.stage2 import Stage2Module
+
+    original = Stage2Module.lm_loss
+
+    def lm_loss(self, prompts, batch):
+        loss = original(self, prompts, batch)
+        return loss * float("nan") if self.training and self.global_step == 1 else loss
+
+    monkeypatch.setattr(Stage2Module, "lm_loss", lm_loss)
+    bad, good = WeightsAroundStep(1), WeightsAroundStep(2)
+
+    class Both(Callback):
+        def on_train_batch_start(self, *args):
+            bad.on_train_batch_start(*args)
+            good.on_train_batch_start(*args)
+
+        def on_train_batch_end(self, *args):
+            bad.on_train_batch_end(*args)
+            good.on_train_batch_end(*args)
+
+    run_with(make_cfg(tmp_path, cache, "trainer.max_steps=3", *STAGE2), Both())
+    assert any(n.startswith("language_projection.") for n in bad.before)
+    assert bad.before and all(torch.equal(bad.before[n], bad.after[n]) for n in bad.before)
+    assert all(not torch.equal(good.before[n], good.after[n]) for n in good.before)  # the next step trains
+    rows = list(csv.DictReader((tmp_path / "run" / "logs" / "metrics.csv").read_text().splitlines()))
+    assert [float(r["train/nonfinite_steps"]) for r in rows if r.get("train/nonfinite_steps")] == [0.0, 1.0, 1.0]
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert int(ckpt["state_dict"]["nonfinite_steps"]) == 1

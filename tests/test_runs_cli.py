@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 SMALL = ["trainer.enable_progress_bar=false", "data.batch_size=8", "data.num_workers=0",
@@ -20,12 +21,24 @@ def _losses(path):
 
 
 def test_sigterm_checkpoints_and_the_same_command_resumes(tmp_path):
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "blip2_train", f"run_dir={run}", f"cache_dir={tmp_path / 'cache'}",
-           "trainer.max_steps=30", "checkpoint.every_n_steps=4", "trainer.log_every_n_steps=1", *SMALL]
+    """SIGTERM mid-run writes last.ckpt; the same command resumes from it and trains exactly as an
+    uninterrupted run of the same command: its losses are that run's losses at the same steps."""
+    def command(run):
+        return [sys.executable, "-m", "blip2_train", f"run_dir={run}", f"cache_dir={tmp_path / 'cache'}",
+                "trainer.max_steps=14", "checkpoint.every_n_steps=4", "trainer.log_every_n_steps=1", *SMALL]
+
     env = dict(os.environ)
     env.pop("BLIP2_RUN_DIR", None)
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    reference = tmp_path / "uninterrupted"
+    done = subprocess.run(command(reference), cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    expected = _losses(reference / "logs" / "metrics.csv")
+    assert len(expected) == 14
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen(command(run), cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     start = time.time()
     while not (run / "checkpoints" / "last.ckpt").exists() and time.time() - start < 300:
         time.sleep(0.1)
@@ -33,18 +46,22 @@ def test_sigterm_checkpoints_and_the_same_command_resumes(tmp_path):
     out, _ = proc.communicate(timeout=300)
     assert "after a signal" in out, out[-2000:]
     stopped = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
-    assert 4 <= stopped < 30
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+    assert 4 <= stopped < 14
+    done = subprocess.run(command(run), cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["global_step"] == 30 and metrics["resumed_from_step"] == stopped
+    assert metrics["global_step"] == 14 and metrics["resumed_from_step"] == stopped
     first = _losses(run / "logs" / "metrics.csv")
     second = _losses(run / "logs" / f"from_step_{stopped}" / "metrics.csv")
-    assert len(first) >= stopped and len(second) == 30 - stopped
-    # the curve continues where it stopped instead of starting again from the initial loss
-    assert abs(second[0] - first[-1]) < abs(first[0] - first[-1]) + 0.3
-    assert second[-1] < first[0]
+    # Two uninterrupted runs of this command differ by up to ~5e-7 in their losses (CPU run-to-run noise,
+    # measured), so "equal" is 1e-5 here; a resume that replays or skips batches, or restarts AdamW or
+    # the random draws, moves the losses by 1e-2 or more.
+    assert first[:stopped] == pytest.approx(expected[:stopped], rel=0, abs=1e-5)  # the same run up to the signal
+    assert len(second) == 14 - stopped
+    # the resumed steps are the uninterrupted run's: same batches, weights, AdamW state, random draws
+    for step, (resumed, uninterrupted) in enumerate(zip(second, expected[stopped:]), start=stopped + 1):
+        assert abs(resumed - uninterrupted) <= 1e-5, (step, resumed, uninterrupted)
 
 
 def test_multirun_gives_one_complete_run_dir_per_job(tmp_path):

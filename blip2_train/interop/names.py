@@ -147,6 +147,15 @@ def lavis_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             new = "qformer." + key[len("Qformer.bert."):]
             out[new.replace(".attention.self.", ".attention.attention.")
                 .replace(".crossattention.self.", ".crossattention.attention.")] = value
+        elif key == "Qformer.cls.predictions.decoder.bias":
+            # BERT's (LAVIS's) MLM head ties decoder.bias to predictions.bias: one tensor saved under both
+            # names by state_dict(). Ours holds it once, as lm_head.bias.
+            tied = state.get("Qformer.cls.predictions.bias")
+            if tied is None:
+                out["lm_head.bias"] = value
+            elif not torch.equal(tied, value):
+                raise ValueError("Qformer.cls.predictions.decoder.bias differs from Qformer.cls.predictions.bias, "
+                                 "which LAVIS ties to it: the file was not written by LAVIS's Blip2Qformer")
         elif key.startswith("Qformer.cls.predictions."):
             out["lm_head." + key[len("Qformer.cls.predictions."):]] = value
         elif key.startswith(("opt_proj.", "t5_proj.")):
