@@ -158,8 +158,14 @@ class Blip2Base(L.LightningModule):
 
     # ----------------------------------------------------------------------------- checkpoint
     def encoder_is_rebuildable(self) -> bool:
-        """A frozen encoder with pretrained weights is rebuilt from them, so it is not saved."""
-        return bool(self.cfg.encoder.pretrained) and bool(self.cfg.encoder.freeze)
+        """A frozen encoder with pretrained weights is rebuilt from them, so it is not saved; unless
+        ``init_from_encoder`` replaced them with the ``init_from`` source's vision tower."""
+        loaded_elsewhere = bool(self.cfg.get("init_from_encoder", False)) and bool(self.cfg.get("init_from"))
+        return bool(self.cfg.encoder.pretrained) and bool(self.cfg.encoder.freeze) and not loaded_elsewhere
+
+    def rebuilt_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes that a checkpoint may lack: rebuilt from their own weights on load."""
+        return ("encoder.",) if self.encoder_is_rebuildable() else ()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # A sharded (FSDP) checkpoint keeps every weight: loading it back requires every key.

@@ -39,22 +39,30 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
-def load_matching(module: nn.Module, state: dict[str, torch.Tensor], skip_prefixes=()) -> dict:
-    """Copy every tensor whose name and shape match; report matched / missing / unexpected."""
+def load_matching(module: nn.Module, state: dict[str, torch.Tensor], skip: dict[str, str] | None = None) -> dict:
+    """Copy every tensor whose name and shape match; report matched / missing / unexpected / mismatched.
+
+    ``skip`` maps name prefixes to the reason they are not loaded: the source's keys under each are
+    left out of the other lists and reported as ``skipped`` (prefix -> keys), with the reasons.
+    """
+    skip = dict(skip or {})
+    prefixes = tuple(skip)
     target = module.state_dict()
     matched, mismatched = [], []
     with torch.no_grad():
         for key, value in state.items():
-            if key in target and not key.startswith(tuple(skip_prefixes)):
+            if key in target and not key.startswith(prefixes):
                 if target[key].shape == value.shape:
                     target[key].copy_(value.to(target[key].dtype))
                     matched.append(key)
                 else:
                     mismatched.append(f"{key} {tuple(value.shape)} != {tuple(target[key].shape)}")
-    unexpected = sorted(k for k in state if k not in target)
-    missing = sorted(k for k in target if k not in state and not k.startswith(tuple(skip_prefixes)))
+    unexpected = sorted(k for k in state if k not in target and not k.startswith(prefixes))
+    missing = sorted(k for k in target if k not in state and not k.startswith(prefixes))
+    skipped = {prefix: sorted(k for k in state if k.startswith(prefix)) for prefix in skip}
     return {"matched": sorted(matched), "missing": missing, "unexpected": unexpected,
-            "mismatched": mismatched}
+            "mismatched": mismatched, "skipped": {p: keys for p, keys in skipped.items() if keys},
+            "skip_reasons": {p: skip[p] for p, keys in skipped.items() if keys}}
 
 
 def format_report(report: dict, source: str, limit: int = 20) -> str:
@@ -73,6 +81,13 @@ def format_report(report: dict, source: str, limit: int = 20) -> str:
         if keys:
             shown = ", ".join(keys[:limit]) + (f", ... (+{len(keys) - limit})" if len(keys) > limit else "")
             lines.append(f"  {name}: {shown}")
+    by_reason: dict[str, list[str]] = {}
+    for prefix in report.get("skipped", {}):
+        by_reason.setdefault(report["skip_reasons"][prefix], []).append(prefix)
+    for reason, prefixes in by_reason.items():
+        count = sum(len(report["skipped"][p]) for p in prefixes)
+        names = ", ".join(p + "*" if p.endswith(".") else p for p in prefixes)
+        lines.append(f"  skipped: {names} ({count} keys of the source): {reason}")
     return "\n".join(lines)
 
 
@@ -85,11 +100,15 @@ def load_init(module: nn.Module, path: str | Path) -> dict:
         state = import_external(path, module)
     else:
         state = read_state_dict(path)
-    skip = ("seen_samples", "skipped_samples", "nonfinite_steps", "source_samples")  # a run's counters, not weights: they start at 0
-    skip += ("encoder.",) if _encoder_frozen(module) else ()
+    counters = "a run's counters, not weights: they start at 0"
+    skip = dict.fromkeys(("seen_samples", "skipped_samples", "nonfinite_steps", "source_samples"), counters)
+    cfg = getattr(module, "cfg", None)
+    if _encoder_frozen(module) and not (cfg is not None and cfg.get("init_from_encoder", False)):
+        skip["encoder."] = (f"the frozen encoder keeps its encoder.pretrained weights ({cfg.encoder.pretrained}); "
+                            f"init_from_encoder=true loads the source's vision tower instead (e.g. a fine-tuned ViT)")
     if hasattr(module, "llm"):  # the frozen LLM comes from its own weights, never from init_from
-        skip += ("llm.",)
-    report = load_matching(module, state, skip_prefixes=skip)
+        skip["llm."] = "the frozen LLM comes from llm.model, never from init_from"
+    report = load_matching(module, state, skip=skip)
     print(format_report(report, str(path)), flush=True)
     if not report["matched"]:
         raise ValueError(f"init_from={path}: no parameter name matched this model; is it a blip2_train "
@@ -130,7 +149,7 @@ def module_from_checkpoint(ckpt_path: str | Path, overrides: list[str] = ()):
     cfg, ckpt = config_from_checkpoint(ckpt_path, overrides)
     module = build_module(cfg)
     result = module.load_state_dict(ckpt["state_dict"], strict=False)
-    missing = [k for k in result.missing_keys if not (k.startswith("encoder.") and module.encoder_is_rebuildable())]
+    missing = [k for k in result.missing_keys if not k.startswith(module.rebuilt_prefixes())]
     if missing or result.unexpected_keys:
         raise ValueError(f"{ckpt_path} does not fit the model its config builds: missing {missing[:10]}, "
                          f"unexpected {result.unexpected_keys[:10]}")

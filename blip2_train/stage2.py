@@ -34,6 +34,10 @@ class Stage2Module(Blip2Base):
         self.val_samples: list[dict] = []  # written by tracking.ValidationSamples
         self._val: dict = {}
 
+    def rebuilt_prefixes(self) -> tuple[str, ...]:
+        """A real LLM is rebuilt from llm.model (its weights are not saved); a tiny one is random."""
+        return super().rebuilt_prefixes() + (() if self.cfg.llm.name.startswith("tiny") else ("llm.",))
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         if not self.cfg.llm.name.startswith("tiny") and self.device_mesh is None:  # rebuilt from its weights
