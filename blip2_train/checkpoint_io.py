@@ -47,22 +47,30 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, omitted
 
 
-def load_matching(module: nn.Module, state: dict[str, torch.Tensor], skip_prefixes=()) -> dict:
-    """Copy every tensor whose name and shape match; report matched / missing / unexpected."""
+def load_matching(module: nn.Module, state: dict[str, torch.Tensor], skip: dict[str, str] | None = None) -> dict:
+    """Copy every tensor whose name and shape match; report matched / missing / unexpected / mismatched.
+
+    ``skip`` maps name prefixes to the reason they are not loaded: the source's keys under each are
+    left out of the other lists and reported as ``skipped`` (prefix -> keys), with the reasons.
+    """
+    skip = dict(skip or {})
+    prefixes = tuple(skip)
     target = module.state_dict()
     matched, mismatched = [], []
     with torch.no_grad():
         for key, value in state.items():
-            if key in target and not key.startswith(tuple(skip_prefixes)):
+            if key in target and not key.startswith(prefixes):
                 if target[key].shape == value.shape:
                     target[key].copy_(value.to(target[key].dtype))
                     matched.append(key)
                 else:
                     mismatched.append(f"{key} {tuple(value.shape)} != {tuple(target[key].shape)}")
-    unexpected = sorted(k for k in state if k not in target)
-    missing = sorted(k for k in target if k not in state and not k.startswith(tuple(skip_prefixes)))
+    unexpected = sorted(k for k in state if k not in target and not k.startswith(prefixes))
+    missing = sorted(k for k in target if k not in state and not k.startswith(prefixes))
+    skipped = {prefix: sorted(k for k in state if k.startswith(prefix)) for prefix in skip}
     return {"matched": sorted(matched), "missing": missing, "unexpected": unexpected,
-            "mismatched": mismatched}
+            "mismatched": mismatched, "skipped": {p: keys for p, keys in skipped.items() if keys},
+            "skip_reasons": {p: skip[p] for p, keys in skipped.items() if keys}}
 
 
 def format_report(report: dict, source: str, limit: int = 20) -> str:
@@ -81,6 +89,13 @@ def format_report(report: dict, source: str, limit: int = 20) -> str:
         if keys:
             shown = ", ".join(keys[:limit]) + (f", ... (+{len(keys) - limit})" if len(keys) > limit else "")
             lines.append(f"  {name}: {shown}")
+    by_reason: dict[str, list[str]] = {}
+    for prefix in report.get("skipped", {}):
+        by_reason.setdefault(report["skip_reasons"][prefix], []).append(prefix)
+    for reason, prefixes in by_reason.items():
+        count = sum(len(report["skipped"][p]) for p in prefixes)
+        names = ", ".join(p + "*" if p.endswith(".") else p for p in prefixes)
+        lines.append(f"  skipped: {names} ({count} keys of the source): {reason}")
     return "\n".join(lines)
 
 
@@ -100,18 +115,21 @@ def load_init(module: nn.Module, path: str | Path) -> dict:
         state, omitted = read_checkpoint(path)
     if hasattr(getattr(module, "encoder", None), "fit_positions"):  # a ViT trained at another image size
         state = module.encoder.fit_positions(state)
-    skip = ("seen_samples", "skipped_samples", "nonfinite_steps", "source_samples")  # a run's counters, not weights: they start at 0
-    skip += ("encoder.",) if _encoder_frozen(module) else ()
-    if hasattr(module, "llm"):  # the frozen LLM comes from its own weights, never from init_from
-        skip += ("llm.",)
+    counters = "a run's counters, not weights: they start at 0"
+    skip = dict.fromkeys(("seen_samples", "skipped_samples", "nonfinite_steps", "source_samples"), counters)
     cfg = getattr(module, "cfg", None)
+    if _encoder_frozen(module) and not (cfg is not None and cfg.get("init_from_encoder", False)):
+        skip["encoder."] = (f"the frozen encoder keeps its encoder.pretrained weights ({cfg.encoder.pretrained}); "
+                            f"init_from_encoder=true loads the source's vision tower instead (e.g. a fine-tuned ViT)")
+    if hasattr(module, "llm"):  # the frozen LLM comes from its own weights, never from init_from
+        skip["llm."] = "the frozen LLM comes from llm.model, never from init_from"
     for name, part in omitted.items():
         if name == "encoder" and cfg is not None and not cfg.encoder.pretrained:
             raise ValueError(f"init_from={path} leaves out its frozen encoder (rebuilt from {part['source']}), "
                              f"and this model's encoder.pretrained is null, so its encoder would stay random: "
                              f"add encoder.pretrained={part['source']}")
-        skip += (part["prefix"],)
-    report = load_matching(module, state, skip_prefixes=skip)
+        skip.setdefault(part["prefix"], f"left out by the source (its {name} is rebuilt from {part['source']})")
+    report = load_matching(module, state, skip=skip)
     text = format_report(report, str(path))
     if omitted:
         text += "\n  left out by the source, this model's own: " + ", ".join(
@@ -164,7 +182,9 @@ def rebuildable_parts(cfg) -> dict[str, dict]:
     ``omitted_parts`` (single files) or ``rebuildable_parts`` (sharded checkpoints, which keep every
     weight; ``consolidate`` applies the rule)."""
     parts = {}
-    if cfg["encoder"]["pretrained"] and cfg["encoder"]["freeze"]:
+    # init_from_encoder: the frozen encoder holds the init_from source's vision tower, not its pretrained file's
+    loaded_elsewhere = bool(cfg.get("init_from_encoder", False)) and bool(cfg.get("init_from"))
+    if cfg["encoder"]["pretrained"] and cfg["encoder"]["freeze"] and not loaded_elsewhere:
         parts["encoder"] = cfg["encoder"]["pretrained"]
     llm = cfg.get("llm") or {}
     if int(cfg["stage"]["name"]) == 2 and llm.get("name", "none") != "none" and not llm["name"].startswith("tiny"):

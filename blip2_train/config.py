@@ -218,6 +218,9 @@ class LLMConfig:
     dropout_in_train: bool = False  # LAVIS leaves the frozen LLM's dropout on (true)
     max_text_len: int = 32
     prompt: str = ""
+    # T5 only: the feed-forward activation, set on the loaded config. flant5: gelu (LAVIS's blip2_t5 and
+    # transformers' BLIP-2 conversion); gelu_new is what flan-t5's own config.json says; null keeps it.
+    dense_act_fn: str | None = None
     tiny: dict = field(default_factory=dict)  # sizes of a randomly initialised tiny model
 
 
@@ -264,6 +267,9 @@ class Blip2Config:
     vqa: VQAConfig = field(default_factory=VQAConfig)
     run_dir: str = "runs/${now:%Y-%m-%d_%H-%M-%S}"
     init_from: str | None = None
+    # A frozen pretrained encoder keeps encoder.pretrained's weights under init_from (the report lists the
+    # source's encoder.* as skipped); true loads the source's vision tower, e.g. a fine-tuned ViT.
+    init_from_encoder: bool = False
     seed: int = 42
     cache_dir: str = "${oc.env:BLIP2_CACHE,.cache}"  # synthetic shards, tiny tokenizers
     experiment_name: str = "default"
@@ -309,6 +315,7 @@ VALID = {
     "trainer.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the compile modes that replay CUDA graphs
+DENSE_ACT_FNS = ("gelu", "gelu_new")  # llm.dense_act_fn: erf GELU (LAVIS's flan-t5), tanh GELU (flan-t5's config)
 
 
 def normalize_overrides(args: list[str]) -> list[str]:
@@ -358,6 +365,19 @@ def validate(cfg) -> None:
     if not cfg.encoder.freeze and cfg.data.get("feature_cache"):
         raise ValueError(f"data.feature_cache={cfg.data.feature_cache} holds a frozen encoder's tokens, but "
                          f"encoder.freeze=false trains the encoder on the images: drop data.feature_cache")
+    if cfg.init_from_encoder and not cfg.init_from:
+        raise ValueError("init_from_encoder=true needs init_from (the checkpoint or directory whose vision "
+                         "tower to load)")
+    if cfg.init_from_encoder and cfg.data.feature_cache:
+        raise ValueError(f"init_from_encoder=true replaces the encoder's weights, but data.feature_cache="
+                         f"{cfg.data.feature_cache} holds tokens of encoder.pretrained's: drop data.feature_cache")
+    act = cfg.llm.get("dense_act_fn")
+    if act is not None and act not in DENSE_ACT_FNS:
+        raise ValueError(f"llm.dense_act_fn={act!r} is not valid; choose one of: {', '.join(DENSE_ACT_FNS)} "
+                         f"(or null: the checkpoint's own)")
+    if act is not None and cfg.llm.kind != "encoder_decoder":
+        raise ValueError(f"llm.dense_act_fn={act} sets a T5 feed-forward activation (encoder-decoder LLMs); "
+                         f"llm={cfg.llm.name} is {cfg.llm.kind}: remove it")
     if cfg.stage.name == 2 and cfg.llm.name == "none":
         llms = [f"llm={name}" for name in group_choices("llm", conf) if name != "none"]
         raise ValueError(f"stage=2 needs an LLM: add one of {', '.join(llms)}")

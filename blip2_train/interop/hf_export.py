@@ -100,15 +100,21 @@ def export_module(module, output_dir: str | Path, vision: bool = True) -> Path:
         text_config = llm.config.to_dict()
         rows = llm.get_input_embeddings().num_embeddings
         text_config["vocab_size"] = max(rows, image_token_id + 1)
-        # the LLM's own generation config is built from text_config (not read from generation_config.json):
-        # captions end at our end token ("\n" for OPT, as in the Salesforce/blip2-opt snapshots)
+        # the LLM's own generation config is built from text_config (not read from generation_config.json),
+        # and a plain model.generate(**inputs) uses it: captions end at our end token ("\n" for OPT, as in
+        # the Salesforce/blip2-opt snapshots) and have the run's lengths. Beams, length_penalty and
+        # suppress_tokens cannot go this way (transformers pops them from model configs): they reach
+        # generate through generation_config=model.generation_config only (docs/real_checkpoints.md).
         text_config["eos_token_id"] = int(module.end_token_id)
+        text_config["max_new_tokens"] = int(cfg.generation.max_new_tokens)
+        text_config["min_new_tokens"] = int(cfg.generation.min_new_tokens)
         config = Blip2Config(vision_config=vision_config, qformer_config=qformer_config, text_config=text_config,
                              num_query_tokens=qformer.num_query_tokens, image_token_index=image_token_id,
                              use_decoder_only_language_model=module.decoder_only)
         config.qformer_config.use_qformer_text_input = False
         hf = Blip2ForConditionalGeneration(config)
-        _untie_head_like(llm, hf.language_model)
+        if llm.get_output_embeddings().weight is not llm.get_input_embeddings().weight:
+            untie_lm_head(hf)
         llm_state = {k: v.detach().float().cpu() for k, v in llm.state_dict().items()}
         target = hf.language_model.state_dict()
         with torch.no_grad():
@@ -142,19 +148,21 @@ def export_module(module, output_dir: str | Path, vision: bool = True) -> Path:
     return output_dir
 
 
-def _untie_head_like(llm, language_model) -> None:
-    """Give ``language_model`` its own LM head when ``llm``'s is not its input embeddings (flan-t5's).
+def untie_lm_head(hf) -> None:
+    """Give ``hf.language_model`` an LM head of its own, as the exported LLM has (flan-t5's).
 
-    transformers 5 ties every T5's head to ``shared`` at construction (T5Config forces
-    ``tie_word_embeddings=True``), so copying an untied LLM's weights in would write the head over the
-    embeddings. With a head of its own both are saved, and ``from_pretrained`` keeps them apart (it
-    ties only equal tensors); the config keeps the LLM's ``scale_decoder_outputs``."""
-    head, embed = llm.get_output_embeddings(), llm.get_input_embeddings()
-    if head is None or head.weight.data_ptr() == embed.weight.data_ptr():
-        return
-    target = language_model.get_output_embeddings()
-    if target.weight.data_ptr() == language_model.get_input_embeddings().weight.data_ptr():
-        target.weight = torch.nn.Parameter(target.weight.detach().clone())
+    transformers 5.x builds every T5 with ``lm_head`` tied to ``shared`` (T5Config forces
+    ``tie_word_embeddings=True``), so copying an untied LLM's head in would write it over the input
+    embeddings. With two tensors saved, ``from_pretrained`` keeps them apart (it ties only equal ones).
+    """
+    from torch import nn
+
+    lang = hf.language_model
+    head = lang.get_output_embeddings()
+    name = next(n for n, m in lang.named_modules() if m is head) + ".weight"  # lm_head.weight
+    head.weight = nn.Parameter(head.weight.detach().clone())
+    lang.all_tied_weights_keys.pop(name, None)
+    hf.all_tied_weights_keys.pop("language_model." + name, None)
 
 
 def _copy_tokenizer(tokenizer, output_dir: Path):

@@ -113,7 +113,19 @@ def _tiny_model(llm_cfg, tokenizer) -> nn.Module:
                       num_decoder_layers=sizes.get("num_decoder_layers", 2), num_heads=sizes.get("num_heads", 4),
                       feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=0,
                       eos_token_id=1, decoder_start_token_id=0, dropout_rate=0.1)
+    _set_activation(config, llm_cfg)
     return T5ForConditionalGeneration(config)
+
+
+def _set_activation(config, llm_cfg) -> None:
+    """``llm.dense_act_fn`` onto a T5 config before the model is built (its feed-forward reads it then).
+
+    LAVIS's blip2_t5 and transformers' BLIP-2 conversion run flan-t5 with ``gelu`` where its own
+    config.json says ``gelu_new``; the value travels in the model's config, so an export carries it.
+    """
+    act = llm_cfg.get("dense_act_fn")
+    if act is not None:
+        config.dense_act_fn = str(act)
 
 
 def _pretrained(llm_cfg, dtype):
@@ -130,7 +142,14 @@ def _pretrained(llm_cfg, dtype):
         from blip2_train.hub import local_only
 
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only(name))
-        model = loader.from_pretrained(name, dtype=dtype, local_files_only=local or local_only(name))
+        extra = {}
+        if llm_cfg.kind == "encoder_decoder":
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(name, local_files_only=local or local_only(name))
+            _set_activation(config, llm_cfg)
+            extra["config"] = config
+        model = loader.from_pretrained(name, dtype=dtype, local_files_only=local or local_only(name), **extra)
     except OSError as err:
         raise RuntimeError(
             f"The LLM {name!r} (llm={llm_cfg.name}) could not be loaded: {err.__class__.__name__}. "
