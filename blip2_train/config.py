@@ -326,6 +326,11 @@ def normalize_overrides(args: list[str]) -> list[str]:
         if sep and key.lstrip("+~") == "stage" and value and all(v.strip().isdigit() for v in value.split(",")):
             value = ",".join(f"'{v.strip()}'" for v in value.split(","))
         out.append(f"{key}{sep}{value}" if sep else arg)
+    # The Q-Former bridge's visual tokens are its queries (conf/bridge/qformer.yaml: bridge.num_tokens sets
+    # qformer.num_query_tokens); a command line that sets the query count alone keeps meaning what it did.
+    keys = {arg.partition("=")[0].lstrip("+~"): arg.partition("=")[2] for arg in out if "=" in arg}
+    if "qformer.num_query_tokens" in keys and "bridge.num_tokens" not in keys and keys.get("bridge", "qformer") == "qformer":
+        out.append(f"bridge.num_tokens={keys['qformer.num_query_tokens']}")
     return out
 
 

@@ -231,3 +231,15 @@ def test_bridge_ablation_sweeps_bridge_tokens_lr_and_seed_and_each_job_validates
             assert job.bridge.name == bridge and job.bridge.num_tokens == int(tokens)
             if bridge == "qformer":
                 assert job.qformer.num_query_tokens == int(tokens)
+
+
+def test_a_query_count_alone_sets_the_qformer_bridges_visual_tokens():
+    """qformer.num_query_tokens=N on the command line (as before bridges existed) still composes and
+    validates in stage 2: the Q-Former bridge's token count follows it; other bridges keep their own."""
+    cfg = make("stage=2", "llm=tiny_opt", "qformer.num_query_tokens=8")
+    assert cfg.qformer.num_query_tokens == 8 and cfg.bridge.num_tokens == 8
+    validate(cfg)
+    assert normalize_overrides(["bridge=pool_mlp", "qformer.num_query_tokens=8"]) == [
+        "bridge=pool_mlp", "qformer.num_query_tokens=8"]
+    cfg = make("stage=2", "llm=tiny_opt", "bridge.num_tokens=16")
+    assert cfg.qformer.num_query_tokens == 16
