@@ -309,3 +309,69 @@ def test_init_from_a_transformers_directory_not_written_by_us(cache, tmp_path, c
                                  encoder_hidden_states=hub_like.vision_model(images).last_hidden_state)
         theirs_eps = hub_like.language_projection(query.last_hidden_state)
     assert torch.allclose(ours, theirs_eps, atol=1e-5, rtol=0) and torch.allclose(ours, theirs, atol=1e-3, rtol=0)
+
+
+def lavis_stage1_peer(cfg, vocab: int, dec_id: int, ids: torch.Tensor):
+    """LAVIS's own ``Blip2Qformer`` (salesforce-lavis 1.0.2, blip2_train/peer_lavis.py) at ``cfg``'s tiny
+    sizes, its random weights; skips when the wheel cannot be fetched."""
+    from torch import nn
+
+    from blip2_train.peer_lavis import LavisUnavailable, build
+
+    try:
+        sizes = {k: cfg.qformer[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                              "intermediate_size", "num_query_tokens")}
+        torch.manual_seed(7)
+        peer = build({"vocab": vocab, "width": 64}, sizes, ids)
+    except LavisUnavailable as err:
+        pytest.skip(f"LAVIS's own Q-Former is needed: {err}")
+    peer.tokenizer.bos_token_id = dec_id  # [DEC]
+    hidden, embed_dim = cfg.qformer.hidden_size, cfg.qformer.embed_dim  # LAVIS's embed_dim argument
+    peer.vision_proj, peer.text_proj = nn.Linear(hidden, embed_dim), nn.Linear(hidden, embed_dim)
+    # independent random values everywhere (LAVIS starts biases at 0, LayerNorms at 1, the query FFNs
+    # as copies of the text FFNs, weights at std 0.02): a swapped or misplaced tensor changes the losses
+    with torch.no_grad():
+        for name, param in peer.named_parameters():
+            param.normal_(1.0, 0.2) if name.endswith(("LayerNorm.weight", "ln_vision.weight")) else param.normal_(0, 0.1)
+        peer.temp.fill_(0.05)
+    return peer.eval()
+
+
+def test_lavis_own_blip2qformer_file_gives_lavis_own_losses(cache, tmp_path, capsys, monkeypatch):
+    """A .pth saved by LAVIS's own Blip2Qformer ({"model": state_dict()}, not built from our name map) loads
+    with nothing missing or unexpected, and our ITC / ITM / ITG losses equal LAVIS's forward on one batch
+    (dropout off, the same image tokens and ids, ITM negatives by argmax on both sides)."""
+    from blip2_train.checkpoint_io import load_init
+    from blip2_train.stage1 import Stage1Module
+
+    cfg = make_cfg(tmp_path / "run", cache, "qformer.num_query_tokens=8", "qformer.embed_dim=32")
+    module = Stage1Module(cfg).eval()
+    vocab, dec_id = module.model.config.vocab_size, module.dec_token_id
+    batch_size, length = 6, 12
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(vocab // 4, vocab, (batch_size, length), generator=g)
+    ids[ids == dec_id] = vocab // 4
+    ids[:, 0] = module.tokenizer.cls_token_id
+    tokens = torch.randn(batch_size, module.encoder.num_tokens, module.encoder.width, generator=g)
+    assert module.encoder.width == 64
+
+    peer = lavis_stage1_peer(cfg, vocab, dec_id, ids)
+    lavis_state = peer.state_dict()
+    assert "Qformer.bert.encoder.layer.0.crossattention.self.key.weight" in lavis_state
+    torch.save({"model": lavis_state}, tmp_path / "lavis_own.pth")
+    report = load_init(module, tmp_path / "lavis_own.pth")
+    printed = capsys.readouterr().out
+    assert not report["unexpected"] and not report["mismatched"], printed
+    # only the ViT is missing: the peer's visual_encoder is the identity (image tokens fed directly)
+    assert report["missing"] and all(k.startswith("encoder.") for k in report["missing"]), printed
+    assert all(k.startswith("model.") for k in report["matched"]) and len(report["matched"]) > 50
+
+    monkeypatch.setattr(module, "_pad_for_gather", lambda ids, mask: (ids, mask))  # one process, no Trainer
+    monkeypatch.setattr(torch, "multinomial", lambda weights, n, generator=None: weights.argmax(-1, keepdim=True))
+    with torch.no_grad():
+        theirs = peer({"image": tokens, "text_input": [""] * batch_size})  # its tokenizer returns ids
+        ours = module.stage1_losses({"vision_tokens": tokens, "input_ids": ids, "image_id": torch.arange(batch_size),
+                                     "attention_mask": torch.ones_like(ids)})
+    pairs = {"itc": theirs.loss_itc, "itm": theirs.loss_itm, "itg": theirs.loss_lm, "loss": theirs.loss}
+    for name, value in pairs.items():
+        assert torch.allclose(ours[name], value, rtol=0, atol=1e-5), (name, ours[name].item(), value.item())
