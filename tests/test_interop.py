@@ -339,8 +339,9 @@ def lavis_stage1_peer(cfg, vocab: int, dec_id: int, ids: torch.Tensor):
 
 def test_lavis_own_blip2qformer_file_gives_lavis_own_losses(cache, tmp_path, capsys, monkeypatch):
     """A .pth saved by LAVIS's own Blip2Qformer ({"model": state_dict()}, not built from our name map) loads
-    with nothing missing or unexpected, and our ITC / ITM / ITG losses equal LAVIS's forward on one batch
-    (dropout off, the same image tokens and ids, ITM negatives by argmax on both sides)."""
+    with nothing unexpected (missing: only the ViT, its visual_encoder being the identity here), and our
+    ITC / ITM / ITG losses equal LAVIS's forward on one batch (dropout off, the same image tokens and ids,
+    ITM negatives by argmax on both sides)."""
     from blip2_train.checkpoint_io import load_init
     from blip2_train.stage1 import Stage1Module
 
