@@ -31,10 +31,6 @@ def cfg_for(llm, cache, *extra):
              "llm.tiny.pretrain_steps=0", *extra]))
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
 
 def test_mlp_bridges_map_encoder_tokens_to_llm_prompts():
     tokens = torch.randn(2, 65, 24)  # CLS + an 8x8 grid, width 24

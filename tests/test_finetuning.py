@@ -29,10 +29,6 @@ def encoder_cfg(name, **kw):
     return cfg
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
 
 class _WithEncoder(torch.nn.Module):
     """An encoder beside a head, as Stage1Module / Stage2Module hold them (``encoder.`` + the rest)."""

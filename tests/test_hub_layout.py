@@ -26,10 +26,6 @@ GEN = ["generation.num_beams=1", "generation.max_new_tokens=6", "generation.min_
 LLM_DIRS = {"opt": "opt_dir", "flant5": "t5_dir"}
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
 
 def make_cfg(run, cache, *overrides):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

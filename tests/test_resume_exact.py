@@ -44,10 +44,6 @@ def _train(cfg, callback):
         train_module.build_trainer = original
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, cache):

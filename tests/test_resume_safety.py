@@ -20,10 +20,6 @@ class RunsCode:
         return (os.makedirs, (self.marker,))
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
 
 def _poisoned_run(tmp_path, marker):
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"

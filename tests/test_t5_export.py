@@ -25,10 +25,6 @@ def make_cfg(run_dir, cache, *overrides):
         return compose("config", overrides=normalize_overrides(base + list(overrides)))
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
 
 @pytest.fixture(scope="module")
 def flan_dir(tmp_path_factory, cache):

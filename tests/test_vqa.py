@@ -217,10 +217,6 @@ def test_jsonl_question_rows_become_vqa_shards(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ collate
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
 
 def test_vqa_collate_masks_the_prompt_and_samples_answers_by_count(cache):
     from blip2_train.data.vqa import VQACollate
