@@ -31,7 +31,6 @@ def cfg_for(llm, cache, *extra):
              "llm.tiny.pretrain_steps=0", *extra]))
 
 
-
 def test_mlp_bridges_map_encoder_tokens_to_llm_prompts():
     tokens = torch.randn(2, 65, 24)  # CLS + an 8x8 grid, width 24
     assert MLPBridge(24, 40, 65)(tokens).shape == (2, 64, 40)  # every patch token, CLS dropped
@@ -86,7 +85,7 @@ def test_bad_token_counts_name_the_valid_ones():
     with pytest.raises(ValueError, match="bridge=mlp feeds every patch token"):
         build_mlp_bridge("mlp", 24, 40, 65, num_tokens=16)
     with pytest.raises(ValueError, match="set bridge.num_tokens=8"):
-        validate(cfg_for("tiny_opt", "/tmp", "qformer.num_query_tokens=8"))
+        validate(cfg_for("tiny_opt", "/tmp", "qformer.num_query_tokens=8", "bridge.num_tokens=16"))
     with pytest.raises(ValueError, match="choose one of: mlp, pool_mlp, qformer"):
         cfg = cfg_for("tiny_opt", "/tmp")
         cfg.bridge.name = "perceiver"
