@@ -46,8 +46,8 @@ def run_with(cfg, callback):
 
     original = train_module.build_trainer
 
-    def build_trainer(cfg, run_dir, tracker, resumed_from=0):
-        trainer = original(cfg, run_dir, tracker, resumed_from)
+    def build_trainer(cfg, run_dir, tracker, *args, **kwargs):
+        trainer = original(cfg, run_dir, tracker, *args, **kwargs)
         trainer.callbacks.append(callback)
         return trainer
 
