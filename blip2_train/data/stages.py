@@ -1,7 +1,10 @@
 """The stages of the data pipeline: shard sources, bad-sample accounting, decode, shuffle, batch.
 
 Each stage is a picklable object whose state (epoch counters, skip counts) lives in the loader
-worker that runs it, so counts are per worker and persistent workers draw a new order per epoch.
+worker that runs it, so counts are per worker. The training loader sets each stage's epoch (and
+a resumed run's skip) before every epoch's stream (``webdataset.EpochLoader``); its workers start
+per epoch with those values, so each epoch's order, crops and mixing follow from (seed, rank,
+worker, epoch) alone.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 A sample is ``{key}.jpg|jpeg|png|webp`` + ``{key}.txt`` (+ ``{key}.json`` with ``image_id``).
 Training streams never end: resampled shards (or, with ``data.resampled=false``, each rank's and
-worker's own shards cycled in a fresh order), cut by ``with_epoch`` so that every rank yields the
-same number of batches and DDP never waits on a rank that ran out. Validation reads the val shards
+worker's own shards cycled in a fresh order), cut into epochs of the same number of batches on every
+rank (``EpochLoader``) so that DDP never waits on a rank that ran out; a resumed run continues at the
+batch its checkpoint was written after. Validation reads the val shards
 once, in order, without resampling or node splitting: every rank sees the whole val set (retrieval
 needs all pairs), in one worker so the order is stable.
 
