@@ -179,6 +179,7 @@ def test_stage2_with_a_hub_llm_trains_resumes_evaluates_generates_exports_and_re
         llm, stage1, cache, open_clip_file, bert_dir, request, tmp_path):
     from blip2_train.checkpoint_io import MissingSourceError, module_from_checkpoint
     from blip2_train.evaluate import evaluate
+    from blip2_train.generate import generate
     from blip2_train.generate import main as generate_main
     from blip2_train.train import train
 
@@ -202,9 +203,7 @@ def test_stage2_with_a_hub_llm_trains_resumes_evaluates_generates_exports_and_re
     assert result["metrics"]["val/loss"] == pytest.approx(second["val/loss"], rel=1e-5)
     assert len(result["predictions"]) == 8 and all(result["predictions"].values())
 
-    capsys = request.getfixturevalue("capsys")
-    generate_main([f"ckpt_path={ckpt}", f"image={_image(cache, tmp_path)}"])
-    caption = capsys.readouterr().out.strip().splitlines()[-1]
+    caption = generate(str(ckpt), str(_image(cache, tmp_path)))
     assert any(ch.isalpha() for ch in caption), caption
 
     module, cfg = module_from_checkpoint(ckpt)
