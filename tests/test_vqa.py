@@ -263,7 +263,7 @@ def test_task_and_data_are_validated_with_the_valid_values_named(cache):
     with pytest.raises(ValueError, match="needs question-answer data: use data=synthetic_qa"):
         validate(vqa_cfg(cache, "data=synthetic"))
     with pytest.raises(ValueError, match="stage.task=vqa needs stage=2"):
-        validate(vqa_cfg(cache, "stage=1", "llm=none"))
+        validate(vqa_cfg(cache, "stage=1"))
     with pytest.raises(ValueError, match="holds questions, not captions"):
         validate(vqa_cfg(cache, "stage.task=caption"))
     with pytest.raises(ValueError, match="has no {} for the question"):
