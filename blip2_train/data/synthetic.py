@@ -128,7 +128,7 @@ def write_synthetic_shards(out_dir: str | os.PathLike, num_train: int = 4000, nu
     if kind != "shapes":
         params["kind"] = kind
     if out_dir.exists() and any(out_dir.iterdir()):
-        existing = _read_manifest(out_dir)
+        existing = read_manifest(out_dir)
         if existing is not None and existing.get("params") == params:
             return existing
         raise FileExistsError(f"{out_dir} exists and is not a synthetic set with {params}: remove it or "
@@ -144,20 +144,26 @@ def write_synthetic_shards(out_dir: str | os.PathLike, num_train: int = 4000, nu
                                            render)},
         "image_size": image_size, "seed": seed, "skipped": 0, "params": params,
     }
+    return publish_shards(tmp, out_dir, manifest)
+
+
+def publish_shards(tmp: Path, out_dir: Path, manifest: dict) -> dict:
+    """Write ``manifest.json`` into the finished ``tmp`` dir and rename it to ``out_dir`` (atomic). When
+    another writer's copy is already in place, keep it if its parameters are the same, else fail."""
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.replace(tmp, out_dir)  # atomic; fails when another writer's copy is already in place
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
-        existing = _read_manifest(out_dir)
-        if existing is None or existing.get("params") != params:
+        existing = read_manifest(out_dir)
+        if existing is None or existing.get("params") != manifest["params"]:
             raise
         return existing
     return manifest
 
 
-def _read_manifest(out_dir: Path) -> dict | None:
+def read_manifest(out_dir: Path) -> dict | None:
     try:
         return json.loads((out_dir / "manifest.json").read_text())
     except (OSError, ValueError):

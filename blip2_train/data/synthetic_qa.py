@@ -24,14 +24,21 @@ import io
 import json
 import os
 import random
-import shutil
 import tarfile
 import uuid
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from blip2_train.data.synthetic import COLORS, POSITIONS, SHAPES, _add_member, _draw_shape
+from blip2_train.data.synthetic import (
+    COLORS,
+    POSITIONS,
+    SHAPES,
+    _add_member,
+    _draw_shape,
+    publish_shards,
+    read_manifest,
+)
 
 QUESTIONS = {
     "color": "what color is the shape?",
@@ -134,7 +141,7 @@ def write_synthetic_qa_shards(out_dir: str | os.PathLike, num_train: int = 4000,
     out_dir = Path(out_dir)
     params = {"num_train": num_train, "num_val": num_val, "image_size": image_size,
               "samples_per_shard": samples_per_shard, "seed": seed, "agreement": agreement, "kind": "qa"}
-    existing = _read_manifest(out_dir)
+    existing = read_manifest(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         if existing is not None and existing.get("params") == params:
             return existing
@@ -149,24 +156,7 @@ def write_synthetic_qa_shards(out_dir: str | os.PathLike, num_train: int = 4000,
                                                             samples_per_shard, rng, agreement)},
         "image_size": image_size, "seed": seed, "skipped": 0, "params": params,
     }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(tmp, out_dir)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        existing = _read_manifest(out_dir)
-        if existing is None or existing.get("params") != params:
-            raise
-        return existing
-    return manifest
-
-
-def _read_manifest(out_dir: Path) -> dict | None:
-    try:
-        return json.loads((out_dir / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
+    return publish_shards(tmp, out_dir, manifest)
 
 
 def ensure_synthetic_qa_shards(cfg) -> tuple[str, str]:
