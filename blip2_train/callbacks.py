@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 
 VAL_PREFIXES = ("itc/", "itm/", "val/", "cider", "bleu4", "bridge/")
@@ -63,17 +64,34 @@ class AtomicLastCheckpoint(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        stopping = self._requeue or getattr(trainer, "received_sigterm", False)
+        requeue, sigterm = self._stop_flags(trainer)
         periodic = self.every_n_steps and step % self.every_n_steps == 0
-        if stopping:
+        if requeue or sigterm:
             self._save_for_stop(trainer)
             trainer.should_stop = True
             job = os.environ.get("SLURM_JOB_ID")
-            if self._requeue and job and trainer.is_global_zero:
+            if requeue and job and trainer.is_global_zero:
                 done = subprocess.run(["scontrol", "requeue", job], check=False)
                 log.info("scontrol requeue %s: exit status %d", job, done.returncode)
         elif periodic and step != self._saved_step:
             self.save(trainer)
+
+    def _stop_flags(self, trainer) -> tuple[bool, bool]:
+        """(requeue, sigterm), the same on every rank. A signal reaches each process at its own moment,
+        so one rank can see it a step before another; saving is collective (barriers, FSDP's sharded
+        write), so a rank that saved alone would wait for peers that went on to the next step's
+        all-reduce, and the job would hang until the scheduler killed it, its last steps unsaved. One
+        small all-reduce per step (Lightning already syncs once per step for SIGTERM in DDP) makes a
+        signal on any rank stop all of them at the same step."""
+        flags = (self._requeue, bool(getattr(trainer, "received_sigterm", False)))
+        if trainer.world_size == 1:
+            return flags
+        summed = trainer.strategy.reduce(
+            torch.tensor(flags, dtype=torch.int32, device=trainer.strategy.root_device), reduce_op="sum")
+        requeue, sigterm = (bool(v) for v in summed.tolist())
+        if requeue and not self._requeue:
+            log.info("another rank received SLURM's pre-timeout signal: checkpointing, then requeueing")
+        return requeue, sigterm
 
     def _save_for_stop(self, trainer) -> None:
         if trainer.global_step != self._saved_step:
