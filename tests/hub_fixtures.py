@@ -61,7 +61,7 @@ def bert_dir(hub_root) -> Path:
     """A BertForMaskedLM directory with a BertTokenizerFast whose vocabulary lacks [DEC] (as bert-base-uncased)."""
     from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
 
-    from blip2_train.tokenization import DEC_TOKEN, tiny_vocab
+    from blip2_train.models.tokenization import DEC_TOKEN, tiny_vocab
 
     directory = hub_root / "bert_tiny"
     directory.mkdir()

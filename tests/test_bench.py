@@ -6,7 +6,14 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from blip2_train.bench import _encoder, _NoModuleTracking, count_flops, encoder_config, main, stage1_step
+from blip2_train.bench.harness import (
+    _encoder,
+    _NoModuleTracking,
+    count_flops,
+    encoder_config,
+    main,
+    stage1_step,
+)
 
 
 def test_bench_quick_writes_bench_json(tmp_path):
@@ -36,7 +43,7 @@ def test_bench_sweep_rows_and_per_row_checkpointing(tmp_path):
 def test_bench_times_lavis_own_step_beside_ours(tmp_path):
     """--impl fast,lavis: LAVIS's Blip2Qformer.forward (fetched with pip download, no dependencies) runs
     under the same harness; it recomputes the cross-attention K/V in every pass, so it does more FLOPs."""
-    from blip2_train.peer_lavis import LavisUnavailable, fetch_sources
+    from blip2_train.bench.peer_lavis import LavisUnavailable, fetch_sources
 
     try:
         fetch_sources()

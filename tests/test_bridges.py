@@ -101,7 +101,7 @@ def test_bridge_num_tokens_sets_the_qformer_queries():
 @pytest.mark.parametrize("llm", ["tiny_opt", "tiny_t5"])
 @pytest.mark.parametrize("bridge", ["qformer", "mlp", "pool_mlp"])
 def test_each_bridge_trains_in_stage2(bridge, llm, cache):
-    from blip2_train.stage2 import Stage2Module
+    from blip2_train.training.stage2 import Stage2Module
 
     torch.manual_seed(0)
     module = Stage2Module(cfg_for(llm, cache, f"bridge={bridge}"))
@@ -132,7 +132,7 @@ def test_mlp_bridge_run_evaluates(bridge, llm, data, tmp_path, cache):
     """A 2-step run with an MLP bridge: checkpoint, evaluate (same val/loss); the bridge's visual tokens and
     trainable parameters reach metrics.json, and on the scenes the fine-grained metrics."""
     from blip2_train.evaluate import evaluate
-    from blip2_train.train import train
+    from blip2_train.training.fit import train
 
     overrides = [f"bridge={bridge}", f"data={data}", f"run_dir={tmp_path / 'run'}", "trainer=cpu", "trainer.max_steps=2",
                  "trainer.enable_progress_bar=false", "logger=none", "data.batch_size=4", "data.num_workers=0",

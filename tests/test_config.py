@@ -85,7 +85,7 @@ def test_paper_recipes():
 
 
 def test_global_batch_is_split_over_devices():
-    from blip2_train.train import per_device_batch
+    from blip2_train.training.fit import per_device_batch
 
     cfg = make("experiment=blip2_vitg_stage1")
     assert per_device_batch(cfg, 16) == 105
@@ -171,7 +171,7 @@ def test_compile_mode_reaches_torch_compile(tmp_path):
     modes every training batch starts a new step for CUDA graph trees."""
     from unittest import mock
 
-    from blip2_train.stage1 import Stage1Module
+    from blip2_train.training.stage1 import Stage1Module
 
     cfg = make(f"cache_dir={tmp_path}", f"run_dir={tmp_path / 'run'}", "qformer.num_hidden_layers=2",
                "trainer.compile=true", "trainer.compile_mode=reduce-overhead")

@@ -19,7 +19,7 @@ from blip2_train.data.synthetic import COLORS, ensure_synthetic_shards, syntheti
 from blip2_train.data.text import QFormerTextCollate, clean_caption
 from blip2_train.data.transforms import CLIP_MEAN, CLIP_STD, eval_transform, train_transform
 from blip2_train.data.webdataset import skipped_fraction
-from blip2_train.tokenization import build_qformer_tokenizer
+from blip2_train.models.tokenization import build_qformer_tokenizer
 
 
 @pytest.fixture(scope="module")

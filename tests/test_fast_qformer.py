@@ -198,7 +198,7 @@ def test_gradient_checkpointing_keeps_gradients(masks):
 
 # ------------------------------------------------------------------------ stage-1 losses
 def stage1_module(tmp_path, impl):
-    from blip2_train.stage1 import Stage1Module
+    from blip2_train.training.stage1 import Stage1Module
 
     overrides = [f"cache_dir={tmp_path}", f"run_dir={tmp_path / 'run'}", f"qformer.impl={impl}",
                  "qformer.dropout_masks=torch",  # transformers' draws, so train mode compares exactly
@@ -247,7 +247,7 @@ def test_stage1_losses_and_gradients_equal_transformers(tmp_path, monkeypatch, s
     for train in (False, True):
         expected, expected_grads = losses_and_grads(hf, batch, train)
         if several_ranks:
-            monkeypatch.setattr("blip2_train.stage1.gather_with_grad", lambda x: x.clone())
+            monkeypatch.setattr("blip2_train.training.stage1.gather_with_grad", lambda x: x.clone())
         got, grads = losses_and_grads(fast, batch, train)
         monkeypatch.undo()
         for name in expected:

@@ -16,8 +16,8 @@ register_configs()
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from blip2_train.stage1 import Stage1Module
-    from blip2_train.train import build_datamodule
+    from blip2_train.training.fit import build_datamodule
+    from blip2_train.training.stage1 import Stage1Module
 
     root = tmp_path_factory.mktemp("fc")
     write_synthetic_shards(root / "set", num_train=40, num_val=0, image_size=64, samples_per_shard=20, seed=5)
@@ -77,7 +77,7 @@ def test_stage1_losses_with_cache_equal_losses_from_images_and_skip_the_encoder(
 def test_missing_or_foreign_cache_is_a_clear_error(setup, tmp_path):
     from blip2_train.data.feature_cache import LookupFeatures
     from blip2_train.data.stages import SkipCounter
-    from blip2_train.train import build_datamodule
+    from blip2_train.training.fit import build_datamodule
 
     cfg = setup["cached_cfg"].copy()
     cfg.data.feature_cache = str(tmp_path / "empty")
@@ -104,8 +104,8 @@ def test_command_writes_the_cache_of_the_composed_run(setup, tmp_path):
 def test_stage2_loss_from_cached_features_equals_the_loss_from_images(setup, tmp_path, monkeypatch):
     """Stage 2 fed the cache's tokens: the same visual prompts and language-model loss as from the images,
     without running the encoder."""
-    from blip2_train.stage2 import Stage2Module
-    from blip2_train.train import build_datamodule
+    from blip2_train.training.fit import build_datamodule
+    from blip2_train.training.stage2 import Stage2Module
 
     root = setup["root"]
     overrides = [f"cache_dir={root / 'cache'}", f"data.train_shards={root / 'set' / 'train'}", "data.batch_size=8",

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from blip2_train.config import CONF_DIR, normalize_overrides, register_configs, validate
 from blip2_train.models.encoders import build_image_encoder
-from blip2_train.optim import build_optimizer
+from blip2_train.training.optim import build_optimizer
 
 register_configs()
 
@@ -108,7 +108,7 @@ def test_layer_decay_off_keeps_two_groups_and_needs_a_trainable_encoder():
 
 # ---------------------------------------------------------------------- trainable vs frozen encoder
 def _stage1(cache, *overrides):
-    from blip2_train.stage1 import Stage1Module
+    from blip2_train.training.stage1 import Stage1Module
 
     cfg = make(f"cache_dir={cache}", "qformer.num_hidden_layers=2", *overrides)
     torch.manual_seed(0)
@@ -219,7 +219,7 @@ def _write_source(kind, module, tmp_path):
 @pytest.mark.parametrize("kind", ["ours", "transformers", "lavis"])
 def test_init_from_loads_a_fine_tuned_vit_exactly_when_the_encoder_trains(cache, tmp_path, kind, capsys):
     """encoder.freeze=false: init_from's ViT replaces the pretrained file's; frozen: the file's stays."""
-    from blip2_train.checkpoint_io import load_init
+    from blip2_train.training.checkpoints import load_init
 
     source = _fine_tuned_source(cache, tmp_path)
     path = _write_source(kind, source, tmp_path)
@@ -244,7 +244,7 @@ def test_init_from_loads_a_fine_tuned_vit_exactly_when_the_encoder_trains(cache,
 def test_init_from_resamples_the_position_embedding_of_another_image_size(cache, tmp_path, capsys):
     """A ViT fine-tuned at 64 px (8 x 8 patches + CLS) initialises one at 96 px (12 x 12): bicubic resampling
     of the patch grid (align_corners=False, no antialias, as LAVIS's interpolate_pos_embed), CLS kept."""
-    from blip2_train.checkpoint_io import load_init
+    from blip2_train.training.checkpoints import load_init
 
     source = _stage1(cache, "encoder.freeze=false")
     path = tmp_path / "s.ckpt"
@@ -343,7 +343,7 @@ START_STEPS = 60
 @pytest.fixture(scope="module")
 def tiny_starts(tmp_path_factory):
     """A tiny stage-1 run and a stage-2 run from it, START_STEPS steps each: (root, stage 1, stage 2 metrics)."""
-    from blip2_train.train import train
+    from blip2_train.training.fit import train
 
     root = tmp_path_factory.mktemp("chain")
     common = [f"cache_dir={root / 'cache'}", *CHAIN, f"trainer.max_steps={START_STEPS}"]
@@ -355,7 +355,7 @@ def tiny_starts(tmp_path_factory):
 
 
 def _finetune(root, recipe, start, name, *extra):
-    from blip2_train.train import train
+    from blip2_train.training.fit import train
 
     return train(make(f"experiment={recipe}", f"cache_dir={root / 'cache'}", *CHAIN, f"run_dir={root / name}",
                       f"init_from={root / start / 'checkpoints' / 'last.ckpt'}", *extra))

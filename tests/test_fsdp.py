@@ -25,7 +25,7 @@ def _module(cache, stage):
     from hydra import compose, initialize_config_dir
 
     from blip2_train.config import CONF_DIR, normalize_overrides, register_configs
-    from blip2_train.train import build_module
+    from blip2_train.training.fit import build_module
 
     register_configs()
     stage, _, variant = stage.partition("+")  # "1+encoder": stage 1 with a trainable encoder
@@ -71,7 +71,7 @@ def _grad_worker(rank, world, port, cache, stage, out):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
-    from blip2_train.fsdp import reshard_trainable, shard_blip2
+    from blip2_train.training.fsdp import reshard_trainable, shard_blip2
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

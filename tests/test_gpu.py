@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.mark.parametrize("trainer", ["gpu", "fsdp"])
 def test_bf16_training_on_gpu(tmp_path, cache, trainer):
-    from blip2_train.train import train
+    from blip2_train.training.fit import train
 
     metrics = train(make_cfg(tmp_path, cache, f"trainer={trainer}", "trainer.accelerator=gpu",
                              "trainer.devices=1", "trainer.max_steps=20"))

@@ -35,7 +35,7 @@ def make_cfg(run, cache, *overrides):
 
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory, cache, open_clip_file, bert_dir):
-    from blip2_train.train import train
+    from blip2_train.training.fit import train
 
     run = tmp_path_factory.mktemp("stage1")
     metrics = train(make_cfg(run, cache, "trainer.max_steps=2", *hub_overrides(open_clip_file, bert_dir)))
@@ -48,9 +48,9 @@ def test_stage1_from_hub_files_omits_the_encoder_and_every_reader_rebuilds_it(st
     metrics; the export's vision tower is the file's."""
     from safetensors.torch import load_file
 
-    from blip2_train.checkpoint_io import module_from_checkpoint
     from blip2_train.evaluate import evaluate
     from blip2_train.export import main as export_main
+    from blip2_train.training.checkpoints import module_from_checkpoint
 
     ckpt, metrics = stage1
     saved = torch.load(ckpt, weights_only=True)
@@ -75,7 +75,7 @@ def test_qformer_starts_from_the_bert_directory_with_dec_added(cache, open_clip_
     """qformer.bert=DIR: its tokenizer gains [DEC] (one row more), BERT's rows and layers are copied."""
     from transformers import BertForMaskedLM
 
-    from blip2_train.stage1 import Stage1Module
+    from blip2_train.training.stage1 import Stage1Module
 
     module = Stage1Module(make_cfg(tmp_path, cache, *hub_overrides(open_clip_file, bert_dir)))
     bert = BertForMaskedLM.from_pretrained(bert_dir)
@@ -89,7 +89,7 @@ def test_qformer_starts_from_the_bert_directory_with_dec_added(cache, open_clip_
 
 def test_a_fine_tuned_encoder_stays_in_the_checkpoint(cache, open_clip_file, bert_dir, tmp_path):
     """encoder.freeze=false: the encoder trains, so it is no longer rebuildable from its file."""
-    from blip2_train.stage1 import Stage1Module
+    from blip2_train.training.stage1 import Stage1Module
 
     module = Stage1Module(make_cfg(tmp_path, cache, *hub_overrides(open_clip_file, bert_dir), "encoder.freeze=false"))
     checkpoint = {"state_dict": dict(module.state_dict())}
@@ -99,7 +99,7 @@ def test_a_fine_tuned_encoder_stays_in_the_checkpoint(cache, open_clip_file, ber
 
 def test_resume_checks_every_key_but_the_omitted_parts(cache, open_clip_file, bert_dir, tmp_path):
     """Resuming loads strictly up to the omitted parts: a weight missing elsewhere, or one too many, stops it."""
-    from blip2_train.stage1 import Stage1Module
+    from blip2_train.training.stage1 import Stage1Module
 
     module = Stage1Module(make_cfg(tmp_path, cache, *hub_overrides(open_clip_file, bert_dir)))
     checkpoint = {"state_dict": dict(module.state_dict())}
@@ -124,7 +124,7 @@ def _image(cache, tmp_path):
 
 
 def _val_images(module):
-    from blip2_train.train import build_datamodule
+    from blip2_train.training.fit import build_datamodule
 
     datamodule = build_datamodule(module.cfg, module)
     datamodule.setup("validate")
@@ -177,11 +177,11 @@ def check_export(module, cfg, ckpt, llm_dir, out, llm):
 @pytest.mark.parametrize("llm", ["opt", "flant5"])
 def test_stage2_with_a_hub_llm_trains_resumes_evaluates_generates_exports_and_reimports(
         llm, stage1, cache, open_clip_file, bert_dir, request, tmp_path):
-    from blip2_train.checkpoint_io import MissingSourceError, module_from_checkpoint
     from blip2_train.evaluate import evaluate
     from blip2_train.generate import generate
     from blip2_train.generate import main as generate_main
-    from blip2_train.train import train
+    from blip2_train.training.checkpoints import MissingSourceError, module_from_checkpoint
+    from blip2_train.training.fit import train
 
     llm_dir = request.getfixturevalue(LLM_DIRS[llm])
     stage1_ckpt, _ = stage1
@@ -242,8 +242,8 @@ def test_misspelt_overrides_of_evaluate_export_generate_name_the_valid_keys(stag
 
 def test_init_from_a_checkpoint_without_its_encoder_into_a_random_encoder_names_the_fix(
         stage1, cache, open_clip_file, bert_dir, tmp_path):
-    from blip2_train.checkpoint_io import load_init
-    from blip2_train.stage1 import Stage1Module
+    from blip2_train.training.checkpoints import load_init
+    from blip2_train.training.stage1 import Stage1Module
 
     ckpt, _ = stage1
     module = Stage1Module(make_cfg(tmp_path, cache, *hub_overrides(open_clip_file, bert_dir), "encoder.pretrained=null"))
@@ -265,11 +265,11 @@ def test_fsdp_run_with_a_hub_llm_resumes_consolidates_and_every_reader_rebuilds_
         stage1, cache, open_clip_file, bert_dir, opt_dir, tmp_path, capsys):
     """The sharded checkpoint keeps every weight (resume needs each key) and records what is rebuildable;
     its consolidated file leaves the frozen parts out as every single file does, and is read like one."""
-    from blip2_train.checkpoint_io import load_init, module_from_checkpoint
     from blip2_train.consolidate import consolidate
     from blip2_train.evaluate import evaluate
     from blip2_train.generate import generate
-    from blip2_train.stage2 import Stage2Module
+    from blip2_train.training.checkpoints import load_init, module_from_checkpoint
+    from blip2_train.training.stage2 import Stage2Module
 
     stage1_ckpt, _ = stage1
     hub = [*hub_overrides(open_clip_file, bert_dir, "opt", opt_dir), *GEN, f"init_from={stage1_ckpt}"]

@@ -37,7 +37,7 @@ def pretrained(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory, cache, pretrained):
     """A source whose ViT differs from encoder.pretrained (as a fine-tuned LAVIS ViT does): a .ckpt file."""
-    from blip2_train.stage1 import Stage1Module
+    from blip2_train.training.stage1 import Stage1Module
 
     torch.manual_seed(1)
     source = Stage1Module(make_cfg("unused", cache, f"encoder.pretrained={pretrained}"))
@@ -50,8 +50,8 @@ def tuned(tmp_path_factory, cache, pretrained):
 
 
 def test_init_from_reports_the_frozen_encoder_it_skips(cache, pretrained, tuned, capsys):
-    from blip2_train.checkpoint_io import load_init
-    from blip2_train.stage1 import Stage1Module
+    from blip2_train.training.checkpoints import load_init
+    from blip2_train.training.stage1 import Stage1Module
 
     path, source_encoder = tuned
     module = Stage1Module(make_cfg("unused", cache, f"encoder.pretrained={pretrained}"))
@@ -66,8 +66,8 @@ def test_init_from_reports_the_frozen_encoder_it_skips(cache, pretrained, tuned,
 
 
 def test_init_from_encoder_loads_the_sources_vision_tower(cache, pretrained, tuned, tmp_path, capsys):
-    from blip2_train.checkpoint_io import module_from_checkpoint
-    from blip2_train.train import train
+    from blip2_train.training.checkpoints import module_from_checkpoint
+    from blip2_train.training.fit import train
 
     path, source_encoder = tuned
     cfg = make_cfg(tmp_path / "run", cache, f"encoder.pretrained={pretrained}", f"init_from={path}",

@@ -23,7 +23,7 @@ def make_cfg(run_dir, cache, *overrides):
 
 @pytest.fixture(scope="module")
 def stage1_run(tmp_path_factory, cache):
-    from blip2_train.train import train
+    from blip2_train.training.fit import train
 
     run = tmp_path_factory.mktemp("stage1")
     metrics = train(make_cfg(run, cache))
@@ -31,7 +31,7 @@ def stage1_run(tmp_path_factory, cache):
 
 
 def val_batch(module):
-    from blip2_train.train import build_datamodule
+    from blip2_train.training.fit import build_datamodule
 
     datamodule = build_datamodule(module.cfg, module)
     datamodule.setup("validate")
@@ -41,8 +41,8 @@ def val_batch(module):
 def test_stage1_export_equals_our_itc_and_itm(stage1_run, tmp_path):
     from transformers import AutoProcessor, Blip2ForImageTextRetrieval, Blip2Processor
 
-    from blip2_train.checkpoint_io import module_from_checkpoint
     from blip2_train.export import main
+    from blip2_train.training.checkpoints import module_from_checkpoint
 
     ckpt, _ = stage1_run
     main([f"ckpt_path={ckpt}", f"output_dir={tmp_path / 'hf'}"])
@@ -67,7 +67,7 @@ def test_stage1_export_equals_our_itc_and_itm(stage1_run, tmp_path):
 
 
 def all_val(module):
-    from blip2_train.train import build_datamodule
+    from blip2_train.training.fit import build_datamodule
 
     datamodule = build_datamodule(module.cfg, module)
     datamodule.setup("validate")
@@ -78,10 +78,10 @@ def test_stage1_export_ranks_validation_pairs_as_evaluate_does(stage1_run, tmp_p
     """ITC and ITM re-ranked recall computed with transformers alone equal our evaluate's metrics."""
     from transformers import Blip2ForImageTextRetrieval
 
-    from blip2_train.checkpoint_io import module_from_checkpoint
     from blip2_train.evaluate import evaluate
     from blip2_train.interop.hf_export import export_checkpoint
     from blip2_train.retrieval import retrieval_metrics
+    from blip2_train.training.checkpoints import module_from_checkpoint
 
     ckpt, _ = stage1_run
     export_checkpoint(ckpt, tmp_path / "hf")
@@ -118,7 +118,7 @@ def test_stage1_export_ranks_validation_pairs_as_evaluate_does(stage1_run, tmp_p
 def test_export_then_init_from_evaluates_the_same(stage1_run, cache, tmp_path, capsys):
     from blip2_train.evaluate import evaluate
     from blip2_train.interop.hf_export import export_checkpoint
-    from blip2_train.train import train
+    from blip2_train.training.fit import train
 
     ckpt, _ = stage1_run
     export_checkpoint(ckpt, tmp_path / "hf")
@@ -140,9 +140,9 @@ def test_stage2_export_generates_our_greedy_captions(llm, cache, tmp_path):
     from PIL import Image
     from transformers import AutoProcessor, Blip2ForConditionalGeneration
 
-    from blip2_train.checkpoint_io import module_from_checkpoint
     from blip2_train.export import main
-    from blip2_train.train import train
+    from blip2_train.training.checkpoints import module_from_checkpoint
+    from blip2_train.training.fit import train
 
     gen = ["generation.num_beams=1", "generation.max_new_tokens=8", "generation.min_new_tokens=2"]
     train(make_cfg(tmp_path / "run", cache, "stage=2", f"llm={llm}", *gen))
@@ -217,8 +217,8 @@ def to_lavis(state: dict) -> dict:
 
 
 def test_lavis_checkpoint_reproduces_the_model(stage1_run, cache, tmp_path, capsys):
-    from blip2_train.checkpoint_io import load_init, module_from_checkpoint
-    from blip2_train.stage1 import Stage1Module
+    from blip2_train.training.checkpoints import load_init, module_from_checkpoint
+    from blip2_train.training.stage1 import Stage1Module
 
     ckpt, _ = stage1_run
     source, cfg = module_from_checkpoint(ckpt)
@@ -262,7 +262,7 @@ def test_lavis_tied_decoder_bias_is_one_tensor():
 def test_pickled_objects_are_refused(tmp_path):
     import argparse  # any class outside torch's allow-list stands for code that unpickling would run
 
-    from blip2_train.checkpoint_io import read_state_dict
+    from blip2_train.training.checkpoints import read_state_dict
 
     torch.save({"model": {"Qformer.x": torch.zeros(1)}, "args": argparse.Namespace(lr=1)}, tmp_path / "evil.pth")
     with pytest.raises(ValueError, match="weights_only=True"):
@@ -271,7 +271,7 @@ def test_pickled_objects_are_refused(tmp_path):
 
 def test_clip_vision_tower_export_stops_with_a_clear_message(cache, tmp_path):
     from blip2_train.interop.hf_export import export_module
-    from blip2_train.stage1 import Stage1Module
+    from blip2_train.training.stage1 import Stage1Module
 
     module = Stage1Module(make_cfg(tmp_path / "run", cache, "encoder=tiny_clip")).eval()
     with pytest.raises(ValueError, match="export.vision=false"):
@@ -285,9 +285,9 @@ def test_init_from_a_transformers_directory_not_written_by_us(cache, tmp_path, c
     """A Blip2ForConditionalGeneration saved by transformers itself (as hub snapshots are) initialises stage 2."""
     from transformers import Blip2Config, Blip2ForConditionalGeneration
 
-    from blip2_train.checkpoint_io import load_init
     from blip2_train.interop.hf_export import export_module
-    from blip2_train.stage2 import Stage2Module
+    from blip2_train.training.checkpoints import load_init
+    from blip2_train.training.stage2 import Stage2Module
 
     module = Stage2Module(make_cfg(tmp_path / "run", cache, "stage=2", "llm=tiny_opt")).eval()
     export_module(module, tmp_path / "ours")  # only for a config of the right sizes
@@ -312,11 +312,11 @@ def test_init_from_a_transformers_directory_not_written_by_us(cache, tmp_path, c
 
 
 def lavis_stage1_peer(cfg, vocab: int, dec_id: int, ids: torch.Tensor):
-    """LAVIS's own ``Blip2Qformer`` (salesforce-lavis 1.0.2, blip2_train/peer_lavis.py) at ``cfg``'s tiny
+    """LAVIS's own ``Blip2Qformer`` (salesforce-lavis 1.0.2, blip2_train/bench/peer_lavis.py) at ``cfg``'s tiny
     sizes, its random weights; skips when the wheel cannot be fetched."""
     from torch import nn
 
-    from blip2_train.peer_lavis import LavisUnavailable, build
+    from blip2_train.bench.peer_lavis import LavisUnavailable, build
 
     try:
         sizes = {k: cfg.qformer[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -342,8 +342,8 @@ def test_lavis_own_blip2qformer_file_gives_lavis_own_losses(cache, tmp_path, cap
     with nothing unexpected (missing: only the ViT, its visual_encoder being the identity here), and our
     ITC / ITM / ITG losses equal LAVIS's forward on one batch (dropout off, the same image tokens and ids,
     ITM negatives by argmax on both sides)."""
-    from blip2_train.checkpoint_io import load_init
-    from blip2_train.stage1 import Stage1Module
+    from blip2_train.training.checkpoints import load_init
+    from blip2_train.training.stage1 import Stage1Module
 
     cfg = make_cfg(tmp_path / "run", cache, "qformer.num_query_tokens=8", "qformer.embed_dim=32")
     module = Stage1Module(cfg).eval()

@@ -11,7 +11,7 @@ register_configs()
 
 
 def build(cache, *extra):
-    from blip2_train.stage2 import Stage2Module
+    from blip2_train.training.stage2 import Stage2Module
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=normalize_overrides(

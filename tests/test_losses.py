@@ -177,10 +177,10 @@ STAGE1_PARAMS = ("ln_vision.weight", "ln_vision.bias", "query_tokens", "temp", "
 def _stage1_losses(rank: int, world: int, impl: str):
     from omegaconf import OmegaConf
 
-    from blip2_train import stage1
     from blip2_train.bench import _Stage1
     from blip2_train.config import QFormerConfig, StageConfig
     from blip2_train.models.qformer import QFormer
+    from blip2_train.training import stage1
 
     def fixed_negatives(sim, positives, generator=None):  # row g of the global batch -> g + 1
         rows = torch.arange(sim.shape[0]) + (dist.get_rank() if dist.is_initialized() else 0) * sim.shape[0]

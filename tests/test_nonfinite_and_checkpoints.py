@@ -10,7 +10,7 @@ from test_stage1_run import make_cfg  # tests/ is on sys.path under pytest
 
 def poison(monkeypatch, bad_steps):
     """Make the training loss NaN at the given global steps (as a bad batch would)."""
-    from blip2_train.stage1 import Stage1Module
+    from blip2_train.training.stage1 import Stage1Module
 
     original = Stage1Module.stage1_losses
 
@@ -42,7 +42,7 @@ class WeightsAroundStep(Callback):
 
 
 def run_with(cfg, callback):
-    from blip2_train import train as train_module
+    from blip2_train.training import fit as train_module
 
     original = train_module.build_trainer
 
@@ -81,7 +81,7 @@ def test_a_finite_step_updates_the_weights(tmp_path, cache):
 
 
 def test_too_many_nonfinite_losses_in_a_row_stop_the_run(tmp_path, cache, monkeypatch):
-    from blip2_train.train import train
+    from blip2_train.training.fit import train
 
     poison(monkeypatch, None)
     with pytest.raises(RuntimeError, match=r"3 non-finite losses in a row \(trainer.max_nonfinite_steps=3\)"):
@@ -133,7 +133,7 @@ STAGE2 = ["stage=2", "llm=tiny_opt", "llm.tiny.pretrain_steps=0", "generation.nu
 def test_stage2_nonfinite_loss_skips_the_update_and_is_counted(tmp_path, cache, monkeypatch):
     """Stage 2: a NaN language-model loss at step 1 leaves every trainable weight (Q-Former and
     projection) as it was, is counted, and the steps around it train."""
-    from blip2_train.stage2 import Stage2Module
+    from blip2_train.training.stage2 import Stage2Module
 
     original = Stage2Module.lm_loss
 

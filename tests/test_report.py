@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from blip2_train.sweep_report import mean_spread, read_sweep, summarise, write_report
+from blip2_train.training.sweep_report import mean_spread, read_sweep, summarise, write_report
 
 
 def fake_run(path, bridge, tokens, lr, seed, loss, cider, curve, speed=10.0):

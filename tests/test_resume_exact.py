@@ -28,7 +28,7 @@ class Record(Callback):
 
 
 def _train(cfg, callback):
-    from blip2_train import train as train_module
+    from blip2_train.training import fit as train_module
 
     original = train_module.build_trainer
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_stage1_run import make_cfg  # tests/ is on sys.path under pytest
 
-from blip2_train.checkpoint_io import UnsafeCheckpointError
+from blip2_train.training.checkpoints import UnsafeCheckpointError
 
 
 class RunsCode:
@@ -29,7 +29,7 @@ def _poisoned_run(tmp_path, marker):
 
 
 def test_a_code_running_last_ckpt_is_refused_by_the_resume_itself(tmp_path, cache, monkeypatch):
-    from blip2_train import train as train_module
+    from blip2_train.training import fit as train_module
 
     marker = tmp_path / "code_ran"
     last = _poisoned_run(tmp_path, marker)
@@ -59,9 +59,9 @@ def test_fsdp_checkpoint_directories_are_checked_entry_by_entry(tmp_path):
 
     import torch.distributed.checkpoint as dcp
 
-    from blip2_train.checkpoint_io import verify_sharded_checkpoint
-    from blip2_train.fsdp import FSDP2Strategy
-    from blip2_train.train import checkpoint_step
+    from blip2_train.training.checkpoints import verify_sharded_checkpoint
+    from blip2_train.training.fit import checkpoint_step
+    from blip2_train.training.fsdp import FSDP2Strategy
 
     warnings.filterwarnings("ignore", message=".*(process group|no_dist).*")
     marker = tmp_path / "code_ran"

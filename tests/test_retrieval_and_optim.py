@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from blip2_train.optim import build_optimizer, lr_at, param_groups
 from blip2_train.retrieval import group_by_image, recall_at_k, rerank_with_itm, retrieval_metrics
+from blip2_train.training.optim import build_optimizer, lr_at, param_groups
 
 
 def test_recall_counts_any_caption_of_the_image():

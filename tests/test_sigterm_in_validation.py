@@ -9,7 +9,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from blip2_train.callbacks import AtomicLastCheckpoint
+from blip2_train.training.callbacks import AtomicLastCheckpoint
 
 
 class _Tiny(L.LightningModule):
@@ -34,7 +34,7 @@ def test_sigterm_during_validation_saves_last_checkpoint_and_logs(tmp_path, capl
     trainer = L.Trainer(max_steps=20, val_check_interval=3, limit_val_batches=3, callbacks=[callback],
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         num_sanity_val_steps=0, accelerator="cpu", default_root_dir=tmp_path)
-    with caplog.at_level(logging.INFO, logger="blip2_train.callbacks"), pytest.raises(SIGTERMException):
+    with caplog.at_level(logging.INFO, logger="blip2_train.training.callbacks"), pytest.raises(SIGTERMException):
         trainer.fit(_Tiny(), data, data)
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 3  # the step validation ran after, not a periodic save (every 100)

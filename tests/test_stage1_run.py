@@ -45,7 +45,7 @@ def losses_of(run_dir):
 
 def test_seeded_tiny_run_pins_losses_and_reloads_exactly(tmp_path, cache):
     from blip2_train.evaluate import evaluate
-    from blip2_train.train import train
+    from blip2_train.training.fit import train
 
     cfg = make_cfg(tmp_path, cache)
     metrics = train(cfg)
@@ -64,7 +64,7 @@ def test_seeded_tiny_run_pins_losses_and_reloads_exactly(tmp_path, cache):
 
 
 def test_same_run_dir_resumes_from_last_checkpoint(tmp_path, cache):
-    from blip2_train.train import train
+    from blip2_train.training.fit import train
 
     first = train(make_cfg(tmp_path, cache, "trainer.max_steps=2"))
     assert first["global_step"] == 2
@@ -75,7 +75,7 @@ def test_same_run_dir_resumes_from_last_checkpoint(tmp_path, cache):
 
 
 def test_init_from_reports_matched_keys(tmp_path, cache, capsys):
-    from blip2_train.train import train
+    from blip2_train.training.fit import train
 
     train(make_cfg(tmp_path / "a", cache, "trainer.max_steps=1"))
     ckpt = tmp_path / "a" / "run" / "checkpoints" / "last.ckpt"
@@ -90,7 +90,7 @@ def test_init_from_reports_matched_keys(tmp_path, cache, capsys):
 
 @pytest.mark.parametrize("logger", ["wandb", "tensorboard"])
 def test_loggers_write_under_run_dir_and_wandb_keeps_its_run_on_resume(tmp_path, cache, logger, monkeypatch):
-    from blip2_train.train import train
+    from blip2_train.training.fit import train
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -110,7 +110,7 @@ def test_loggers_write_under_run_dir_and_wandb_keeps_its_run_on_resume(tmp_path,
 
 def test_torch_dropout_masks_give_the_earlier_pinned_losses(tmp_path, cache):
     """qformer.dropout_masks=torch keeps torch's (LAVIS's) dropout draws: the losses pinned before packed masks."""
-    from blip2_train.train import train
+    from blip2_train.training.fit import train
 
     train(make_cfg(tmp_path, cache, "qformer.dropout_masks=torch", "optim.implementation=for_loop"))
     assert losses_of(tmp_path / "run")[:3] == pytest.approx(PINNED_LOSSES_TORCH_MASKS, rel=1e-4)
@@ -120,7 +120,7 @@ def test_torch_dropout_masks_give_the_earlier_pinned_losses(tmp_path, cache):
 def test_compiled_qformer_trains_with_the_eager_losses(tmp_path, cache):
     """trainer.compile=true (torch.compile of the Q-Former, minutes of compilation on CPU): same losses
     as eager. Dropout off: compiled code draws its masks with inductor's generator."""
-    from blip2_train.train import train
+    from blip2_train.training.fit import train
 
     no_dropout = ["qformer.hidden_dropout_prob=0", "qformer.attention_probs_dropout_prob=0"]
     train(make_cfg(tmp_path / "eager", cache, *no_dropout))
@@ -133,7 +133,7 @@ def test_compiled_qformer_trains_with_the_eager_losses(tmp_path, cache):
 
 def test_mixed_sources_run_logs_the_samples_of_each_source(tmp_path, cache):
     from blip2_train.data.synthetic import write_synthetic_shards
-    from blip2_train.train import train
+    from blip2_train.training.fit import train
 
     for name, seed in (("a", 1), ("b", 2)):
         write_synthetic_shards(tmp_path / name, num_train=32, num_val=0, image_size=32, samples_per_shard=16,

@@ -22,7 +22,7 @@ def cfg_for(llm, cache, *extra):
 
 
 def build(llm, cache):
-    from blip2_train.stage2 import Stage2Module
+    from blip2_train.training.stage2 import Stage2Module
 
     torch.manual_seed(0)
     return Stage2Module(cfg_for(llm, cache)).eval()
@@ -154,8 +154,8 @@ def test_batched_generation_with_left_padding_matches_single(llm, cache):
 
 
 def test_stage1_checkpoint_initialises_the_query_path(tmp_path, cache, capsys):
-    from blip2_train.checkpoint_io import load_init
-    from blip2_train.stage1 import Stage1Module
+    from blip2_train.training.checkpoints import load_init
+    from blip2_train.training.stage1 import Stage1Module
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg1 = compose("config", overrides=[f"cache_dir={cache}", "qformer.num_hidden_layers=2"])
@@ -179,7 +179,7 @@ def test_stage2_run_evaluate_and_generate(llm, tmp_path, cache):
 
     from blip2_train.evaluate import evaluate
     from blip2_train.generate import generate
-    from blip2_train.train import train
+    from blip2_train.training.fit import train
 
     overrides = [f"run_dir={tmp_path / 'run'}", "trainer=cpu", "trainer.max_steps=2",
                  "trainer.enable_progress_bar=false", "logger=none", "data.batch_size=8", "data.num_workers=0",

@@ -3,7 +3,7 @@
 import pytest
 
 from blip2_train.data.synthetic import COLORS, POSITIONS, SHAPES, SIZES
-from blip2_train.tokenization import TINY_DIR_NAME, build_qformer_tokenizer, tiny_vocab
+from blip2_train.models.tokenization import TINY_DIR_NAME, build_qformer_tokenizer, tiny_vocab
 
 
 @pytest.fixture(scope="module")

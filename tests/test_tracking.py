@@ -8,7 +8,7 @@ from test_stage1_run import make_cfg  # tests/ is on sys.path under pytest
 
 
 def test_csv_logs_throughput_and_the_validation_table(tmp_path, cache):
-    from blip2_train.train import train
+    from blip2_train.training.fit import train
 
     train(make_cfg(tmp_path, cache, "trainer.max_steps=3", "trainer.val_check_interval=3"))
     run = tmp_path / "run"
@@ -32,7 +32,7 @@ def test_csv_logs_throughput_and_the_validation_table(tmp_path, cache):
 
 
 def test_offline_wandb_gets_the_validation_table(tmp_path, cache, monkeypatch):
-    from blip2_train.train import train
+    from blip2_train.training.fit import train
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -46,7 +46,7 @@ def test_offline_wandb_gets_the_validation_table(tmp_path, cache, monkeypatch):
 def test_tensorboard_gets_the_validation_table_as_markdown(tmp_path, cache):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from blip2_train.train import train
+    from blip2_train.training.fit import train
 
     train(make_cfg(tmp_path, cache, "logger=tensorboard", "trainer.max_steps=1"))
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"tensors": 0}).Reload()

@@ -279,7 +279,7 @@ def test_question_aware_queries_match_transformers_instructblip_qformer(cache):
     from transformers.models.instructblip.modeling_instructblip import InstructBlipQFormerModel
 
     from blip2_train.models.qformer import itm_mask
-    from blip2_train.train import build_module
+    from blip2_train.training.fit import build_module
 
     torch.manual_seed(0)
     module = build_module(vqa_cfg(cache)).eval()
@@ -320,7 +320,7 @@ def test_vqa_run_evaluates_and_a_caption_checkpoint_answers_zero_shot(llm, tmp_p
     """A short VQA run logs val/vqa_accuracy; evaluate reproduces it; a stage-2 caption checkpoint
     evaluates on questions through evaluate (stage.task=vqa) with the question in the LLM prompt only."""
     from blip2_train.evaluate import evaluate
-    from blip2_train.train import train
+    from blip2_train.training.fit import train
 
     small = ["trainer=cpu", "trainer.max_steps=2", "trainer.enable_progress_bar=false", "logger=none",
              "data.batch_size=8", "data.num_workers=0", "data.synthetic.num_train=16", "data.synthetic.num_val=8",
@@ -352,7 +352,7 @@ def test_vqa_run_evaluates_and_a_caption_checkpoint_answers_zero_shot(llm, tmp_p
 def test_vqa_presets_compose_validate_and_build(cache):
     from blip2_train.config import validate
     from blip2_train.models.qformer import QFormer, num_parameters
-    from blip2_train.stage2_vqa import STAGE1_HEADS
+    from blip2_train.training.stage2_vqa import STAGE1_HEADS
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         tiny = compose("config", overrides=["experiment=blip2_vqa_tiny", f"cache_dir={cache}"])
@@ -393,7 +393,7 @@ def test_tiny_vqa_fine_tuning_beats_the_majority_answer_baselines(tmp_path):
     """experiment=blip2_vqa_tiny (400 CPU steps, ~25 min on 2 busy cores): VQA accuracy on 200 held-out
     synthetic questions at least 0.25 above answering each question type's most frequent training
     answer (0.31 on this set), and far above the single most frequent answer (0.11)."""
-    from blip2_train.train import train
+    from blip2_train.training.fit import train
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["experiment=blip2_vqa_tiny", f"run_dir={tmp_path / 'run'}",

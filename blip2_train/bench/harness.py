@@ -53,8 +53,8 @@ from torch import nn
 from blip2_train.config import CUDA_GRAPH_MODES, VALID, DataConfig, OptimConfig, QFormerConfig, StageConfig
 from blip2_train.models.bridges import QFormerBridge
 from blip2_train.models.llm import FrozenLLM
-from blip2_train.stage1 import Stage1Module
-from blip2_train.stage2 import Stage2Module
+from blip2_train.training.stage1 import Stage1Module
+from blip2_train.training.stage2 import Stage2Module
 
 VOCAB, TEXT_LEN, LLM_TEXT_LEN = 30523, 32, 32
 # Datasheet dense bf16 tensor FLOP/s (no sparsity), matched in order against the device name.
@@ -139,7 +139,7 @@ def _qformer(spec: dict, query_only: bool):
 
 
 def _optimizer(module: nn.Module):
-    from blip2_train.optim import build_optimizer
+    from blip2_train.training.optim import build_optimizer
 
     return build_optimizer(module, OptimConfig(), max_steps=1000)["optimizer"]
 
@@ -185,8 +185,8 @@ def _encoder(spec: dict, device) -> nn.Module:
 def stage1_step(spec: dict, device):
     """A closure running one stage-1 training step (phases timed into ``spec['phases']``)."""
     ids, image = stage1_inputs(spec)
-    if spec["impl"] == "lavis":  # LAVIS's own code, the peer (blip2_train/peer_lavis.py)
-        from blip2_train import peer_lavis
+    if spec["impl"] == "lavis":  # LAVIS's own code, the peer (blip2_train/bench/peer_lavis.py)
+        from blip2_train.bench import peer_lavis
 
         sizes = {k: QUICK_QFORMER[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                "intermediate_size", "num_query_tokens")} if spec["quick"] else {}
@@ -257,7 +257,7 @@ def _train_step(loss_fn, optimizer, spec, device, compiled: nn.Module):
 
         phases["optimizer_ms"].append(_timed(update, device))
 
-    # in place, as blip2_train/base.py does
+    # in place, as blip2_train/training/base.py does
     step.compile = lambda: compiled.compile(dynamic=True, mode=spec.get("compile_mode", "default"))
     return step
 
@@ -368,7 +368,7 @@ def loader_images_per_s(batches: int = 40, workers: int = 2, shards: int = 4, pe
     from blip2_train.data.synthetic import render_sample
     from blip2_train.data.text import QFormerTextCollate
     from blip2_train.data.webdataset import Blip2DataModule
-    from blip2_train.tokenization import build_qformer_tokenizer
+    from blip2_train.models.tokenization import build_qformer_tokenizer
 
     batch_size = 16
     with tempfile.TemporaryDirectory() as tmp:
@@ -439,7 +439,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per figure (after 1 warm-up)")
     parser.add_argument("--impl", default="fast,hf,lavis", help="Q-Former implementations for stage 1; the "
                         "first one gives the stage1_* and stage2_* figures; lavis = LAVIS's own code (fetched "
-                        "into .cache/lavis, see blip2_train/peer_lavis.py; a row recorded as failed if it cannot be)")
+                        "into .cache/lavis, see blip2_train/bench/peer_lavis.py; a row recorded as failed if it cannot be)")
     parser.add_argument("--batch-sizes", default="16", help="the first is the main figure's batch size")
     parser.add_argument("--sweep-steps", type=int, help="timed steps of the other sweep rows (default: --steps)")
     parser.add_argument("--image-tokens", default="257")
@@ -505,7 +505,7 @@ def main(argv=None) -> dict:
                     spec["checkpointing"] = True
                 row = {"impl": impl, "batch": batch, "tokens": spec["tokens"], "checkpointing": spec["checkpointing"]}
                 if impl == "lavis":
-                    from blip2_train.peer_lavis import LavisUnavailable, fetch_sources
+                    from blip2_train.bench.peer_lavis import LavisUnavailable, fetch_sources
 
                     try:
                         fetch_sources()
@@ -581,6 +581,3 @@ def main(argv=None) -> dict:
     print(f"wrote {args.output}")
     return result
 
-
-if __name__ == "__main__":
-    main()

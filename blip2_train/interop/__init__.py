@@ -40,7 +40,7 @@ def read_hf_directory(directory: Path, skip_prefixes=("language_model.",)) -> di
                     if not key.startswith(tuple(skip_prefixes)):
                         state[key] = handle.get_tensor(key)
     else:
-        from blip2_train.checkpoint_io import read_state_dict
+        from blip2_train.training.checkpoints import read_state_dict
 
         bins = sorted(directory.glob("pytorch_model*.bin"))
         if not bins:
@@ -70,7 +70,7 @@ def import_external(path: str | Path, module) -> dict[str, torch.Tensor]:
                                  f"'blip-2'); export one with `python -m blip2_train.export`")
         hf_state = read_hf_directory(path)
     else:
-        from blip2_train.checkpoint_io import read_state_dict
+        from blip2_train.training.checkpoints import read_state_dict
 
         lavis = read_state_dict(path)
         if not is_lavis_state(lavis):

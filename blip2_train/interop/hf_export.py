@@ -186,8 +186,8 @@ def dict_of(cfg) -> dict:
 
 def export_checkpoint(ckpt_path: str | Path, output_dir: str | Path, vision: bool = True,
                       overrides: list[str] = ()) -> Path:
-    from blip2_train.checkpoint_io import module_from_checkpoint
     from blip2_train.export import OWN_KEYS
+    from blip2_train.training.checkpoints import module_from_checkpoint
 
     module, _ = module_from_checkpoint(ckpt_path, list(overrides), OWN_KEYS)
     return export_module(module.float(), output_dir, vision=vision)

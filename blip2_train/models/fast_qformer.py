@@ -270,7 +270,7 @@ class QFormerLayer(nn.Module):
     def cross_key_value(self, image_embeds: torch.Tensor, affine: Affine | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's cross-attention (key, value) of the images (a method of the layer, so that
-        FSDP can gather the layer's weights around it: see blip2_train/fsdp.py); ``affine``: see
+        FSDP can gather the layer's weights around it: see blip2_train/training/fsdp.py); ``affine``: see
         :meth:`FastQFormerModel.cross_attention_kv`."""
         return self.crossattention.attention.key_value(image_embeds, affine)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from blip2_train.tokenization import TINY_WORDS
+from blip2_train.models.tokenization import TINY_WORDS
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def _pretrained(llm_cfg, dtype):
     try:
         from transformers import AutoTokenizer
 
-        from blip2_train.hub import local_only
+        from blip2_train.utils.hub import local_only
 
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only(name))
         extra = {}
@@ -254,7 +254,7 @@ class FrozenLLM(nn.Module):
         return self
 
     # The LLM is used through these three methods, so that FSDP can gather its weights around each
-    # (blip2_train/fsdp.py registers them as forward methods).
+    # (blip2_train/training/fsdp.py registers them as forward methods).
     def forward(self, **kwargs):
         return self.model(**kwargs)
 

@@ -89,7 +89,7 @@ def build_qformer_tokenizer(name_or_path: str | None, cache_dir: str | os.PathLi
         raise _missing_tokenizer_error(name, f"{local} holds neither tokenizer.json nor vocab.txt "
                                              f"(found: {sorted(os.listdir(local))[:10]})")
     try:
-        from blip2_train.hub import local_only
+        from blip2_train.utils.hub import local_only
 
         tokenizer = BertTokenizerFast.from_pretrained(local if os.path.isdir(local) else name,
                                                       truncation_side="right",

@@ -10,12 +10,12 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from blip2_train.checkpoint_io import omitted_parts_of, rebuildable_parts, state_mismatch
 from blip2_train.config import CUDA_GRAPH_MODES
 from blip2_train.models.encoders import build_image_encoder
 from blip2_train.models.qformer import QFormer, num_parameters
-from blip2_train.optim import build_optimizer
-from blip2_train.tokenization import build_qformer_tokenizer
+from blip2_train.models.tokenization import build_qformer_tokenizer
+from blip2_train.training.checkpoints import omitted_parts_of, rebuildable_parts, state_mismatch
+from blip2_train.training.optim import build_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +146,12 @@ class Blip2Base(L.LightningModule):
 
     # ------------------------------------------------------------------------------- sharding
     def configure_model(self) -> None:
-        """trainer=fsdp: shard into FSDP2 units (blip2_train/fsdp.py); a no-op for other strategies."""
+        """trainer=fsdp: shard into FSDP2 units (blip2_train/training/fsdp.py); a no-op for other strategies."""
         from torch.distributed.fsdp import FSDPModule
 
         if self.device_mesh is None or isinstance(self.encoder, FSDPModule):  # not FSDP, or done already
             return
-        from blip2_train.fsdp import shard_blip2
+        from blip2_train.training.fsdp import shard_blip2
 
         self._fsdp_trainable_units = shard_blip2(self, self.device_mesh["data_parallel"])
 
@@ -163,7 +163,7 @@ class Blip2Base(L.LightningModule):
 
     def on_after_backward(self) -> None:
         if getattr(self, "_fsdp_trainable_units", None):
-            from blip2_train.fsdp import reshard_trainable
+            from blip2_train.training.fsdp import reshard_trainable
 
             reshard_trainable(self._fsdp_trainable_units)
 

@@ -259,7 +259,7 @@ def module_from_checkpoint(ckpt_path: str | Path, overrides: list[str] = (), com
     """Rebuild the LightningModule a checkpoint was written by: its omitted frozen parts from their
     sources (``llm.model=`` / ``encoder.pretrained=`` overrides redirect them), every other weight
     loaded strictly from the checkpoint."""
-    from blip2_train.train import build_module
+    from blip2_train.training.fit import build_module
 
     cfg, ckpt = config_from_checkpoint(ckpt_path, overrides, command_keys)
     omitted = omitted_parts_of(ckpt)

@@ -11,24 +11,24 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from blip2_train.callbacks import AtomicLastCheckpoint, ResumeRNG, ValidationTracker
 from blip2_train.config import validate
 from blip2_train.slurm import apply_slurm_topology
-from blip2_train.tracking import Throughput, ValidationSamples
+from blip2_train.training.callbacks import AtomicLastCheckpoint, ResumeRNG, ValidationTracker
+from blip2_train.training.tracking import Throughput, ValidationSamples
 
 log = logging.getLogger("blip2_train")
 
 
 def build_module(cfg: DictConfig) -> L.LightningModule:
     if cfg.stage.name == 1:
-        from blip2_train.stage1 import Stage1Module
+        from blip2_train.training.stage1 import Stage1Module
 
         return Stage1Module(cfg)
     if cfg.stage.get("task", "caption") == "vqa":
-        from blip2_train.stage2_vqa import VQAModule
+        from blip2_train.training.stage2_vqa import VQAModule
 
         return VQAModule(cfg)
-    from blip2_train.stage2 import Stage2Module
+    from blip2_train.training.stage2 import Stage2Module
 
     return Stage2Module(cfg)
 
@@ -92,7 +92,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path, resumed_from: int = 0) -> list
 
 def build_trainer(cfg: DictConfig, run_dir: Path, tracker: ValidationTracker, resumed_from: int = 0,
                   throughput: Throughput | None = None) -> L.Trainer:
-    from blip2_train.checkpoint_io import safe_checkpoint_io
+    from blip2_train.training.checkpoints import safe_checkpoint_io
 
     t = cfg.trainer
     every = cfg.checkpoint.every_n_steps
@@ -124,7 +124,7 @@ def build_strategy(cfg: DictConfig):
         # frozen parts have requires_grad=False before wrapping, so no unused-parameter search
         return DDPStrategy(find_unused_parameters=False)
     if strategy == "fsdp":
-        from blip2_train.fsdp import FSDP2Strategy
+        from blip2_train.training.fsdp import FSDP2Strategy
 
         # each rank writes its own shards: last.ckpt is a directory (blip2_train.consolidate -> one file)
         return FSDP2Strategy(save_distributed_checkpoint=True)
@@ -135,7 +135,7 @@ def checkpoint_step(path: Path) -> int:
     """The global step a checkpoint was written at: a ``.ckpt`` file, or a sharded (FSDP) checkpoint
     directory, whose ``meta.pt`` holds everything but the tensors. Read as data only; a file that holds
     anything else is refused with an error naming it (``checkpoint_io.resume_step``)."""
-    from blip2_train.checkpoint_io import resume_step
+    from blip2_train.training.checkpoints import resume_step
 
     return resume_step(path)
 
@@ -168,7 +168,7 @@ def train(cfg: DictConfig) -> dict:
     resume = last if last.exists() else None
     module = build_module(cfg)
     if cfg.init_from and resume is None:
-        from blip2_train.checkpoint_io import load_init
+        from blip2_train.training.checkpoints import load_init
 
         load_init(module, cfg.init_from)
     resumed_from = 0

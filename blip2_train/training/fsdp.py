@@ -62,7 +62,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         runs with safe reads; a single file is read with ``weights_only=True`` and the allow-list."""
         from pathlib import Path
 
-        from blip2_train.checkpoint_io import (
+        from blip2_train.training.checkpoints import (
             CHECKPOINT_SAFE_GLOBALS,
             UnsafeCheckpointError,
             _refusal,
@@ -178,7 +178,7 @@ def check_units(module: nn.Module) -> None:
     loose = [name for name, p in module.named_parameters() if p.requires_grad and not isinstance(p, DTensor)]
     if loose:
         raise RuntimeError(f"trainable parameters outside every FSDP unit (their gradients would not be "
-                           f"averaged over ranks): {loose[:5]}; add their module to blip2_train/fsdp.py")
+                           f"averaged over ranks): {loose[:5]}; add their module to blip2_train/training/fsdp.py")
     units = [(name, unit) for name, unit in module.named_modules() if isinstance(unit, FSDPModule)]
     for name, unit in units:
         inner = {id(p) for other_name, other in units if other_name.startswith(name + ".")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from blip2_train.base import Blip2Base
 from blip2_train.losses import (
     gather_no_grad,
     gather_with_grad,
@@ -17,7 +16,8 @@ from blip2_train.losses import (
 )
 from blip2_train.models.qformer import itg_mask
 from blip2_train.retrieval import group_by_image, retrieval_metrics
-from blip2_train.tracking import NUM_SAMPLES
+from blip2_train.training.base import Blip2Base
+from blip2_train.training.tracking import NUM_SAMPLES
 
 
 class Stage1Module(Blip2Base):

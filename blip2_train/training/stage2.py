@@ -17,11 +17,11 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from blip2_train.base import Blip2Base
 from blip2_train.models.bridges import QFormerBridge, build_mlp_bridge
 from blip2_train.models.llm import build_llm
 from blip2_train.models.qformer import num_parameters
-from blip2_train.tracking import NUM_SAMPLES
+from blip2_train.training.base import Blip2Base
+from blip2_train.training.tracking import NUM_SAMPLES
 
 log = logging.getLogger(__name__)
 

@@ -20,12 +20,12 @@ from __future__ import annotations
 import torch
 from omegaconf import OmegaConf
 
-from blip2_train.base import question_to_qformer
 from blip2_train.config import VQAConfig
 from blip2_train.data.vqa import DecodeVQASamples, VQACollate, format_prompt
 from blip2_train.models.qformer import itm_mask
-from blip2_train.stage2 import Stage2Module
-from blip2_train.tracking import NUM_SAMPLES
+from blip2_train.training.base import question_to_qformer
+from blip2_train.training.stage2 import Stage2Module
+from blip2_train.training.tracking import NUM_SAMPLES
 
 STAGE1_HEADS = ("vision_projection", "text_projection", "itm_head", "lm_head", "temp")
 
