@@ -76,7 +76,7 @@ def bert_dir(hub_root) -> Path:
 
 
 def _pretrained_llm(model, tokenizer, kind: str, root: Path) -> None:
-    from blip2_train.models.llm import pretrain_tiny_llm
+    from blip2_train.training.tiny_llm import pretrain_tiny_llm
 
     pretrain_tiny_llm(model, tokenizer, kind, LLM_PRETRAIN_STEPS, root / "llm_pretrain", seed=0)
 

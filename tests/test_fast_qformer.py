@@ -441,3 +441,11 @@ def test_compiled_qformer_captures_each_pass_as_one_graph(tmp_path, monkeypatch,
     assert grads.keys() == expected_grads.keys() and len(grads) > 20
     for name in expected_grads:
         assert torch.allclose(grads[name], expected_grads[name], atol=1e-6), name
+
+
+def test_the_dropout_mask_implementations_are_the_configs_choices():
+    """models/ never imports config, so the module keeps its own list; the schema validates against VALID."""
+    from blip2_train.config import VALID
+    from blip2_train.models.fast_qformer import DROPOUT_MASKS
+
+    assert DROPOUT_MASKS == VALID["qformer.dropout_masks"]

@@ -25,7 +25,7 @@ def _module(cache, stage):
     from hydra import compose, initialize_config_dir
 
     from blip2_train.config import CONF_DIR, normalize_overrides, register_configs
-    from blip2_train.training.fit import build_module
+    from blip2_train.training.modules import build_module
 
     register_configs()
     stage, _, variant = stage.partition("+")  # "1+encoder": stage 1 with a trainable encoder

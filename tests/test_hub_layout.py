@@ -50,7 +50,7 @@ def test_stage1_from_hub_files_omits_the_encoder_and_every_reader_rebuilds_it(st
 
     from blip2_train.evaluate import evaluate
     from blip2_train.export import main as export_main
-    from blip2_train.training.checkpoints import module_from_checkpoint
+    from blip2_train.training.modules import module_from_checkpoint
 
     ckpt, metrics = stage1
     saved = torch.load(ckpt, weights_only=True)
@@ -180,8 +180,8 @@ def test_stage2_with_a_hub_llm_trains_resumes_evaluates_generates_exports_and_re
     from blip2_train.evaluate import evaluate
     from blip2_train.generate import generate
     from blip2_train.generate import main as generate_main
-    from blip2_train.training.checkpoints import MissingSourceError, module_from_checkpoint
     from blip2_train.training.fit import train
+    from blip2_train.training.modules import MissingSourceError, module_from_checkpoint
 
     llm_dir = request.getfixturevalue(LLM_DIRS[llm])
     stage1_ckpt, _ = stage1
@@ -268,7 +268,8 @@ def test_fsdp_run_with_a_hub_llm_resumes_consolidates_and_every_reader_rebuilds_
     from blip2_train.consolidate import consolidate
     from blip2_train.evaluate import evaluate
     from blip2_train.generate import generate
-    from blip2_train.training.checkpoints import load_init, module_from_checkpoint
+    from blip2_train.training.checkpoints import load_init
+    from blip2_train.training.modules import module_from_checkpoint
     from blip2_train.training.stage2 import Stage2Module
 
     stage1_ckpt, _ = stage1

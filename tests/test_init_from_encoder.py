@@ -66,8 +66,8 @@ def test_init_from_reports_the_frozen_encoder_it_skips(cache, pretrained, tuned,
 
 
 def test_init_from_encoder_loads_the_sources_vision_tower(cache, pretrained, tuned, tmp_path, capsys):
-    from blip2_train.training.checkpoints import module_from_checkpoint
     from blip2_train.training.fit import train
+    from blip2_train.training.modules import module_from_checkpoint
 
     path, source_encoder = tuned
     cfg = make_cfg(tmp_path / "run", cache, f"encoder.pretrained={pretrained}", f"init_from={path}",

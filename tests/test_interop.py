@@ -42,7 +42,7 @@ def test_stage1_export_equals_our_itc_and_itm(stage1_run, tmp_path):
     from transformers import AutoProcessor, Blip2ForImageTextRetrieval, Blip2Processor
 
     from blip2_train.export import main
-    from blip2_train.training.checkpoints import module_from_checkpoint
+    from blip2_train.training.modules import module_from_checkpoint
 
     ckpt, _ = stage1_run
     main([f"ckpt_path={ckpt}", f"output_dir={tmp_path / 'hf'}"])
@@ -79,9 +79,9 @@ def test_stage1_export_ranks_validation_pairs_as_evaluate_does(stage1_run, tmp_p
     from transformers import Blip2ForImageTextRetrieval
 
     from blip2_train.evaluate import evaluate
-    from blip2_train.interop.hf_export import export_checkpoint
+    from blip2_train.export import export_checkpoint
     from blip2_train.retrieval import retrieval_metrics
-    from blip2_train.training.checkpoints import module_from_checkpoint
+    from blip2_train.training.modules import module_from_checkpoint
 
     ckpt, _ = stage1_run
     export_checkpoint(ckpt, tmp_path / "hf")
@@ -117,7 +117,7 @@ def test_stage1_export_ranks_validation_pairs_as_evaluate_does(stage1_run, tmp_p
 
 def test_export_then_init_from_evaluates_the_same(stage1_run, cache, tmp_path, capsys):
     from blip2_train.evaluate import evaluate
-    from blip2_train.interop.hf_export import export_checkpoint
+    from blip2_train.export import export_checkpoint
     from blip2_train.training.fit import train
 
     ckpt, _ = stage1_run
@@ -141,8 +141,8 @@ def test_stage2_export_generates_our_greedy_captions(llm, cache, tmp_path):
     from transformers import AutoProcessor, Blip2ForConditionalGeneration
 
     from blip2_train.export import main
-    from blip2_train.training.checkpoints import module_from_checkpoint
     from blip2_train.training.fit import train
+    from blip2_train.training.modules import module_from_checkpoint
 
     gen = ["generation.num_beams=1", "generation.max_new_tokens=8", "generation.min_new_tokens=2"]
     train(make_cfg(tmp_path / "run", cache, "stage=2", f"llm={llm}", *gen))
@@ -217,7 +217,8 @@ def to_lavis(state: dict) -> dict:
 
 
 def test_lavis_checkpoint_reproduces_the_model(stage1_run, cache, tmp_path, capsys):
-    from blip2_train.training.checkpoints import load_init, module_from_checkpoint
+    from blip2_train.training.checkpoints import load_init
+    from blip2_train.training.modules import module_from_checkpoint
     from blip2_train.training.stage1 import Stage1Module
 
     ckpt, _ = stage1_run
@@ -262,7 +263,7 @@ def test_lavis_tied_decoder_bias_is_one_tensor():
 def test_pickled_objects_are_refused(tmp_path):
     import argparse  # any class outside torch's allow-list stands for code that unpickling would run
 
-    from blip2_train.training.checkpoints import read_state_dict
+    from blip2_train.interop.state_dict import read_state_dict
 
     torch.save({"model": {"Qformer.x": torch.zeros(1)}, "args": argparse.Namespace(lr=1)}, tmp_path / "evil.pth")
     with pytest.raises(ValueError, match="weights_only=True"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_stage1_run import make_cfg  # tests/ is on sys.path under pytest
 
-from blip2_train.training.checkpoints import UnsafeCheckpointError
+from blip2_train.interop.state_dict import UnsafeCheckpointError
 
 
 class RunsCode:
@@ -59,7 +59,7 @@ def test_fsdp_checkpoint_directories_are_checked_entry_by_entry(tmp_path):
 
     import torch.distributed.checkpoint as dcp
 
-    from blip2_train.training.checkpoints import verify_sharded_checkpoint
+    from blip2_train.interop.state_dict import verify_sharded_checkpoint
     from blip2_train.training.fit import checkpoint_step
     from blip2_train.training.fsdp import FSDP2Strategy
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from blip2_train.slurm import apply_slurm_topology
+from blip2_train.training.cluster import apply_slurm_topology
 
 
 def test_dry_run_prints_the_sbatch_submission(tmp_path):
@@ -44,7 +44,8 @@ def test_job_topology_comes_from_the_slurm_allocation():
 
 
 def test_the_submitted_signal_is_the_one_the_trainer_handles():
-    from blip2_train.slurm import compose_submission, requeue_signal, sbatch_script
+    from blip2_train.slurm import compose_submission, sbatch_script
+    from blip2_train.training.cluster import requeue_signal
 
     cfg = compose_submission(["experiment=smoke"])
     script, _ = sbatch_script(cfg, [])
@@ -62,7 +63,7 @@ def test_slurm_pre_timeout_signal_checkpoints_at_that_step_and_requeues(tmp_path
 
     import torch
 
-    from blip2_train.slurm import requeue_signal
+    from blip2_train.training.cluster import requeue_signal
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

@@ -72,7 +72,7 @@ def test_untied_flant5_export_keeps_its_embeddings_and_gives_our_captions(export
     from safetensors.torch import load_file
     from transformers import Blip2ForConditionalGeneration, T5ForConditionalGeneration
 
-    from blip2_train.training.checkpoints import module_from_checkpoint
+    from blip2_train.training.modules import module_from_checkpoint
 
     ckpt, hf_dir = exported
     module, cfg = module_from_checkpoint(ckpt)
@@ -140,7 +140,7 @@ def test_flant5_activation_is_the_configured_one(cache, flan_dir, act, approxima
 def test_flant5_export_carries_the_activation(exported):
     from transformers import Blip2ForConditionalGeneration
 
-    from blip2_train.training.checkpoints import module_from_checkpoint
+    from blip2_train.training.modules import module_from_checkpoint
 
     ckpt, hf_dir = exported
     assert json.loads((hf_dir / "config.json").read_text())["text_config"]["dense_act_fn"] == "gelu"
@@ -167,7 +167,7 @@ def test_exported_t5_plain_generate_gives_the_runs_captions(exported):
     """model.generate(**inputs) without generation_config: the run's lengths and end token still hold."""
     from transformers import Blip2ForConditionalGeneration
 
-    from blip2_train.training.checkpoints import module_from_checkpoint
+    from blip2_train.training.modules import module_from_checkpoint
 
     ckpt, hf_dir = exported
     module, cfg = module_from_checkpoint(ckpt)
@@ -189,8 +189,8 @@ def test_exported_beam_settings_reach_generate_through_its_generation_config(exp
     documented call, generation_config=model.generation_config, gives our beam-search captions."""
     from transformers import Blip2ForConditionalGeneration
 
-    from blip2_train.interop.hf_export import export_checkpoint
-    from blip2_train.training.checkpoints import module_from_checkpoint
+    from blip2_train.export import export_checkpoint
+    from blip2_train.training.modules import module_from_checkpoint
 
     ckpt, _ = exported
     beams = ["generation.num_beams=3", "generation.length_penalty=0.5"]

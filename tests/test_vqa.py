@@ -279,7 +279,7 @@ def test_question_aware_queries_match_transformers_instructblip_qformer(cache):
     from transformers.models.instructblip.modeling_instructblip import InstructBlipQFormerModel
 
     from blip2_train.models.qformer import itm_mask
-    from blip2_train.training.fit import build_module
+    from blip2_train.training.modules import build_module
 
     torch.manual_seed(0)
     module = build_module(vqa_cfg(cache)).eval()

@@ -80,7 +80,7 @@ def export_llava(module, output_dir: str | Path) -> Path:
     """Write ``module`` (a Stage2Module with bridge=mlp) as a transformers LLaVA directory."""
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    from blip2_train.interop.hf_export import image_processor
+    from blip2_train.data.transforms import image_processor
 
     problem = llava_export_problem(module)
     if problem:

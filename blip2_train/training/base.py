@@ -11,10 +11,10 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from blip2_train.config import CUDA_GRAPH_MODES
+from blip2_train.interop.state_dict import omitted_parts_of, rebuildable_parts, state_mismatch
 from blip2_train.models.encoders import build_image_encoder
 from blip2_train.models.qformer import QFormer, num_parameters
 from blip2_train.models.tokenization import build_qformer_tokenizer
-from blip2_train.training.checkpoints import omitted_parts_of, rebuildable_parts, state_mismatch
 from blip2_train.training.optim import build_optimizer
 
 log = logging.getLogger(__name__)

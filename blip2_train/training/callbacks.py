@@ -46,9 +46,9 @@ class AtomicLastCheckpoint(Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         # SLURM's pre-timeout signal (#SBATCH --signal, which submitit sets to the same signal,
-        # blip2_train.slurm.requeue_signal): save at the end of the step, then requeue. It replaces
+        # blip2_train.training.cluster.requeue_signal): save at the end of the step, then requeue. It replaces
         # submitit's own handler, which would requeue without saving.
-        from blip2_train.slurm import requeue_signal
+        from blip2_train.training.cluster import requeue_signal
 
         self._requeue = False
         if threading.current_thread() is threading.main_thread():

@@ -12,25 +12,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from blip2_train.config import validate
-from blip2_train.slurm import apply_slurm_topology
 from blip2_train.training.callbacks import AtomicLastCheckpoint, ResumeRNG, ValidationTracker
+from blip2_train.training.cluster import apply_slurm_topology
+from blip2_train.training.modules import build_module
 from blip2_train.training.tracking import Throughput, ValidationSamples
 
 log = logging.getLogger("blip2_train")
-
-
-def build_module(cfg: DictConfig) -> L.LightningModule:
-    if cfg.stage.name == 1:
-        from blip2_train.training.stage1 import Stage1Module
-
-        return Stage1Module(cfg)
-    if cfg.stage.get("task", "caption") == "vqa":
-        from blip2_train.training.stage2_vqa import VQAModule
-
-        return VQAModule(cfg)
-    from blip2_train.training.stage2 import Stage2Module
-
-    return Stage2Module(cfg)
 
 
 def per_device_batch(cfg: DictConfig, world_size: int) -> int:
@@ -135,7 +122,7 @@ def checkpoint_step(path: Path) -> int:
     """The global step a checkpoint was written at: a ``.ckpt`` file, or a sharded (FSDP) checkpoint
     directory, whose ``meta.pt`` holds everything but the tensors. Read as data only; a file that holds
     anything else is refused with an error naming it (``checkpoint_io.resume_step``)."""
-    from blip2_train.training.checkpoints import resume_step
+    from blip2_train.interop.state_dict import resume_step
 
     return resume_step(path)
 

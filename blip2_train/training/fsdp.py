@@ -62,7 +62,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         runs with safe reads; a single file is read with ``weights_only=True`` and the allow-list."""
         from pathlib import Path
 
-        from blip2_train.training.checkpoints import (
+        from blip2_train.interop.state_dict import (
             CHECKPOINT_SAFE_GLOBALS,
             UnsafeCheckpointError,
             _refusal,

@@ -21,6 +21,7 @@ from blip2_train.models.bridges import QFormerBridge, build_mlp_bridge
 from blip2_train.models.llm import build_llm
 from blip2_train.models.qformer import num_parameters
 from blip2_train.training.base import Blip2Base
+from blip2_train.training.tiny_llm import pretrain_from_config
 from blip2_train.training.tracking import NUM_SAMPLES
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ class Stage2Module(Blip2Base):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.llm, self.llm_tokenizer = build_llm(cfg.llm, self.cache_dir)
+        self.llm, self.llm_tokenizer = build_llm(cfg.llm, self.cache_dir, pretrain=pretrain_from_config)
         self.decoder_only = cfg.llm.kind == "decoder"
         llm_width = self.llm.model.get_input_embeddings().embedding_dim
         self.bridge_name = OmegaConf.select(cfg, "bridge.name", default="qformer")  # older checkpoints: qformer
