@@ -247,7 +247,7 @@ def test_stage1_losses_and_gradients_equal_transformers(tmp_path, monkeypatch, s
     for train in (False, True):
         expected, expected_grads = losses_and_grads(hf, batch, train)
         if several_ranks:
-            monkeypatch.setattr("blip2_train.training.stage1.gather_with_grad", lambda x: x.clone())
+            monkeypatch.setattr("blip2_train.models.objectives.gather_with_grad", lambda x: x.clone())
         got, grads = losses_and_grads(fast, batch, train)
         monkeypatch.undo()
         for name in expected:

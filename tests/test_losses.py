@@ -177,10 +177,9 @@ STAGE1_PARAMS = ("ln_vision.weight", "ln_vision.bias", "query_tokens", "temp", "
 def _stage1_losses(rank: int, world: int, impl: str):
     from omegaconf import OmegaConf
 
-    from blip2_train.bench import _Stage1
     from blip2_train.config import QFormerConfig, StageConfig
+    from blip2_train.models import objectives
     from blip2_train.models.qformer import QFormer
-    from blip2_train.training import stage1
 
     def fixed_negatives(sim, positives, generator=None):  # row g of the global batch -> g + 1
         rows = torch.arange(sim.shape[0]) + (dist.get_rank() if dist.is_initialized() else 0) * sim.shape[0]
@@ -203,9 +202,9 @@ def _stage1_losses(rank: int, world: int, impl: str):
     if world > 1:
         per = 8 // world
         batch = {k: v[rank * per: (rank + 1) * per] for k, v in batch.items()}
-    runner = _Stage1(model, OmegaConf.structured(StageConfig()), dec_token_id=49)
-    with mock.patch.object(stage1, "hard_negative_indices", fixed_negatives):  # not left behind in pytest
-        loss = runner.stage1_losses(batch)["loss"]
+    objective = objectives.Stage1Objective.from_stage(OmegaConf.structured(StageConfig()), dec_token_id=49)
+    with mock.patch.object(objectives, "hard_negative_indices", fixed_negatives):  # not left behind in pytest
+        loss = objective(model, batch["image"], batch["input_ids"], batch["attention_mask"], batch["image_id"])["loss"]
     loss.backward()
     params = dict(model.named_parameters())
     return loss.detach(), {name: params[name].grad for name in STAGE1_PARAMS}

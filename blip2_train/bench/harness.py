@@ -7,9 +7,9 @@
 
 Stage 1 at LAVIS's Q-Former size (BERT-base Q-Former, random init, vocabulary 30523, 32 queries,
 cross-attention every 2nd layer, image tokens [B, 257, 1408] fed directly so the frozen ViT is
-not timed, text length 32, B=16): the trainer's own ``Stage1Module.stage1_losses`` (ITC + ITM +
-ITG), backward and the trainer's AdamW step. Stage 2: the trainer's ``Stage2Module`` prompt and
-LM-loss code through an OPT-125m-shaped random decoder (frozen). fp32 on CPU, bf16 autocast on
+not timed, text length 32, B=16): the trainer's own ``models.objectives.Stage1Objective`` (ITC +
+ITM + ITG), backward and the trainer's AdamW step. Stage 2: the trainer's Q-Former bridge and
+``Stage2Objective`` (prompts + LM loss) through an OPT-125m-shaped random decoder (frozen). fp32 on CPU, bf16 autocast on
 GPU. Every figure comes from its own subprocess, so ``peak_rss_mb`` is that step's alone. FLOPs
 are counted with ``FlopCounterMode`` on the warm-up step (without its module tracker, whose hooks
 defeat activation checkpointing: see ``count_flops``); utilization = achieved FLOP/s over the
@@ -53,8 +53,7 @@ from torch import nn
 from blip2_train.config import CUDA_GRAPH_MODES, VALID, DataConfig, OptimConfig, QFormerConfig, StageConfig
 from blip2_train.models.bridges import QFormerBridge
 from blip2_train.models.llm import FrozenLLM
-from blip2_train.training.stage1 import Stage1Module
-from blip2_train.training.stage2 import Stage2Module
+from blip2_train.models.objectives import Stage1Objective, Stage2Objective
 
 VOCAB, TEXT_LEN, LLM_TEXT_LEN = 30523, 32, 32
 # Datasheet dense bf16 tensor FLOP/s (no sparsity), matched in order against the device name.
@@ -100,32 +99,6 @@ def matmul_samples(shapes: list[tuple[int, int, int]], device, dtype, reps: int)
 
 
 # ------------------------------------------------------------------------------ the steps
-class _Stage1:
-    """What ``Stage1Module.stage1_losses`` reads from ``self``: no Lightning, encoder or tokenizer."""
-
-    stage1_losses = Stage1Module.stage1_losses
-
-    def __init__(self, model, stage_cfg, dec_token_id: int):
-        self.model, self.cfg, self.dec_token_id = model, OmegaConf.create({"stage": stage_cfg}), dec_token_id
-        self.encoder = nn.Identity()  # image tokens are fed directly: the frozen ViT is not timed
-        self.itm_generator = None
-
-    def _pad_for_gather(self, input_ids, attention_mask):
-        return input_ids, attention_mask
-
-
-class _Stage2:
-    """What ``Stage2Module.visual_prompts`` / ``lm_loss`` read from ``self``."""
-
-    visual_prompts, lm_loss = Stage2Module.visual_prompts, Stage2Module.lm_loss
-
-    def __init__(self, model, projection, llm):
-        self.model, self.language_projection, self.decoder_only = model, projection, True
-        self.bridge = QFormerBridge(model, projection)
-        self.llm = FrozenLLM(llm, dropout_in_train=False)
-        self.encoder = nn.Identity()
-
-
 def _qformer(spec: dict, query_only: bool):
     from blip2_train.models.qformer import QFormer
 
@@ -197,16 +170,21 @@ def stage1_step(spec: dict, device):
         return _train_step(lambda: model(samples)["loss"], _optimizer(model), spec, device,
                            compiled=model.Qformer.bert)
     model = _qformer(spec, query_only=False).to(device).train()
-    runner = _Stage1(model, OmegaConf.structured(StageConfig()), dec_token_id=spec["vocab"] - 1)
-    if spec.get("encoder"):
-        runner.encoder = _encoder(spec, device)
+    # the trainer's own objective (Stage1Module calls it), at the default stage settings
+    objective = Stage1Objective.from_stage(StageConfig(), dec_token_id=spec["vocab"] - 1)
+    # image tokens are fed directly (the frozen ViT is not timed), or images through the frozen encoder
+    encoder = _encoder(spec, device) if spec.get("encoder") else nn.Identity()
     optimizer = _optimizer(model)
     b = spec["batch"]
     batch = {"image": image, "input_ids": ids, "attention_mask": torch.ones(b, TEXT_LEN, dtype=torch.long),
              "image_id": torch.arange(b)}
     batch = {k: v.to(device) for k, v in batch.items()}
-    return _train_step(lambda: runner.stage1_losses(batch)["loss"], optimizer, spec, device,
-                       compiled=model.qformer)
+
+    def loss():
+        return objective(model, encoder(batch["image"]), batch["input_ids"], batch["attention_mask"],
+                         batch["image_id"])["loss"]
+
+    return _train_step(loss, optimizer, spec, device, compiled=model.qformer)
 
 
 def stage2_step(spec: dict, device):
@@ -222,7 +200,9 @@ def stage2_step(spec: dict, device):
                                    max_position_embeddings=2048)).to(device).eval()
     llm.requires_grad_(False)  # frozen, eval mode (llm.dropout_in_train=false)
     projection = nn.Linear(model.config.hidden_size, llm_width).to(device)
-    runner = _Stage2(model, projection, llm)
+    # the trainer's own bridge, frozen-LLM wrapper and objective (Stage2Module calls them)
+    bridge, frozen_llm, objective = QFormerBridge(model, projection), FrozenLLM(llm, dropout_in_train=False), \
+        Stage2Objective(decoder_only=True)
     trainable = nn.ModuleDict({"model": model, "language_projection": projection})
     optimizer = _optimizer(trainable)
     b, g = spec["batch"], torch.Generator().manual_seed(0)
@@ -230,7 +210,7 @@ def stage2_step(spec: dict, device):
     batch = {"llm_input_ids": ids, "llm_attention_mask": torch.ones_like(ids), "llm_labels": ids.clone(),
              "image": torch.randn(b, spec["tokens"], spec["width"], generator=g)}
     batch = {k: v.to(device) for k, v in batch.items()}
-    return _train_step(lambda: runner.lm_loss(runner.visual_prompts(batch["image"]), batch),
+    return _train_step(lambda: objective(bridge, frozen_llm, batch["image"], batch),
                        optimizer, spec, device, compiled=model.qformer)
 
 

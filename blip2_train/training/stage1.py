@@ -1,20 +1,13 @@
-"""Stage 1: image-text contrastive, matching and generation losses (docs/blip2_numerics.md section 2)."""
+"""Stage 1: image-text contrastive, matching and generation losses (docs/blip2_numerics.md section 2).
+
+The losses are ``models.objectives.Stage1Objective``; this LightningModule feeds it, logs, validates
+(retrieval) and checkpoints."""
 
 from __future__ import annotations
 
 import torch
 
-from blip2_train.losses import (
-    gather_no_grad,
-    gather_with_grad,
-    hard_negative_indices,
-    itc_loss,
-    itc_similarities,
-    itg_loss,
-    itm_loss,
-    positive_mask,
-)
-from blip2_train.models.qformer import itg_mask
+from blip2_train.models.objectives import Stage1Objective
 from blip2_train.retrieval import group_by_image, retrieval_metrics
 from blip2_train.training.base import Blip2Base
 from blip2_train.training.tracking import NUM_SAMPLES
@@ -26,6 +19,7 @@ class Stage1Module(Blip2Base):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.dec_token_id = self.tokenizer.convert_tokens_to_ids("[DEC]")
+        self.objective = Stage1Objective.from_stage(self.cfg.stage, self.dec_token_id)  # no parameters of its own
         self._val_outputs: list[dict] = []
         self._val_images = torch.zeros(0)
         self.val_samples: list[dict] = []  # written by tracking.ValidationSamples
@@ -50,74 +44,13 @@ class Stage1Module(Blip2Base):
         return input_ids, attention_mask
 
     def stage1_losses(self, batch: dict) -> dict[str, torch.Tensor]:
-        """The three losses of one batch; features are gathered over ranks for ITC and ITM."""
+        """The three losses of one batch (``models.objectives.Stage1Objective``), texts padded to equal
+        lengths across ranks; image tokens from the frozen encoder or ``batch["vision_tokens"]``."""
         input_ids, text_mask = self._pad_for_gather(batch["input_ids"], batch["attention_mask"])
-        image_ids = batch["image_id"]
-        model, num_queries = self.model, self.model.num_query_tokens
-        batch_size = input_ids.shape[0]
         vision_tokens = batch.get("vision_tokens")  # [B, N, W] from data.feature_cache
         if vision_tokens is None:
             vision_tokens = self.encoder(batch["image"])  # [B, N, W]; no_grad and detached when frozen
-        # [B, N, W] fp32: ln_vision(tokens), or under qformer.impl=fast the normalised tokens whose
-        # ln_vision affine is folded into the K/V projections (QFormer.image_states)
-        image_embeds = model.image_states(vision_tokens)
-        # cross-attention K/V of the local images, once for every pass (None under qformer.impl=hf)
-        cross_kv = model.cross_attention_kv(image_embeds)
-
-        # One pass [queries; [DEC] text] under the ITG mask: its query outputs are the
-        # query-only pass (queries never see text), so ITC's image side comes from it too.
-        dec_ids = input_ids.clone()
-        dec_ids[:, 0] = self.dec_token_id
-        hidden = model.joint_forward(image_embeds, dec_ids, itg_mask(text_mask, num_queries), cross_kv)
-        image_feats = model.image_features(hidden[:, :num_queries])  # [B, Q, D]
-        text_feats = model.text_features(model.text_forward(input_ids, text_mask, output_length=1))  # [B, D]
-
-        # ---- ITC over the global batch
-        image_feats_all = gather_with_grad(image_feats)  # [N, Q, D]
-        text_feats_all = gather_with_grad(text_feats)  # [N, D]
-        image_ids_all = gather_no_grad(image_ids)  # [N]
-        sim_i2t, sim_t2i = itc_similarities(image_feats, text_feats_all, text_feats, image_feats_all)
-        positives = positive_mask(image_ids, image_ids_all)  # [B, N]
-        temperature = model.current_temperature(text_feats)
-        loss_itc = itc_loss(sim_i2t, sim_t2i, temperature, positives, self.cfg.stage.label_smoothing)
-
-        # ---- ITM with hard negatives sampled over the global batch
-        image_embeds_all = gather_with_grad(image_embeds)  # [N, Nv, W]
-        input_ids_all, text_mask_all = gather_no_grad(input_ids), gather_no_grad(text_mask)
-        with torch.no_grad():
-            scale = temperature.detach()
-            neg_image, valid_image = hard_negative_indices(sim_t2i.detach() / scale, positives,
-                                                           self.itm_generator)
-            neg_text, valid_text = hard_negative_indices(sim_i2t.detach() / scale, positives,
-                                                         self.itm_generator)
-        itm_ids = torch.cat([input_ids, input_ids, input_ids_all[neg_text]])
-        itm_text_mask = torch.cat([text_mask, text_mask, text_mask_all[neg_text]])
-        # ITM images [local; negatives; local] as chunks over cached K/V (issue 7): one process
-        # gathers the B negatives' K/V rows; several compute K/V of the B gathered negatives once.
-        # Chunks reading the same K/V rows share them without copies (FastQFormerModel).
-        local = torch.arange(batch_size, device=input_ids.device)
-        if image_embeds_all is image_embeds:  # one process: gather_with_grad returned the input
-            itm_images, itm_kv = image_embeds, cross_kv
-            itm_index = [0, neg_image, 0] if cross_kv is not None else torch.cat([local, neg_image, local])
-        else:
-            itm_images = torch.cat([image_embeds, image_embeds_all[neg_image]])  # [2B, Nv, W]
-            neg_kv = model.cross_attention_kv(itm_images[batch_size:])
-            itm_kv = None if cross_kv is None else [
-                (torch.cat([k, nk]), torch.cat([v, nv])) for (k, v), (nk, nv) in zip(cross_kv, neg_kv)]
-            itm_index = ([0, batch_size, 0] if cross_kv is not None
-                         else torch.cat([local, local + batch_size, local]))  # [3B]
-        itm_logits = model.itm_logits(itm_images, itm_ids, itm_text_mask, itm_kv, itm_index)  # [3B, 2]
-        weights = torch.cat([torch.ones_like(valid_image, dtype=torch.float),
-                             valid_image.float(), valid_text.float()])
-        loss_itm = itm_loss(itm_logits, batch_size, weights)
-
-        # ---- ITG: the text positions of the joint pass
-        lm_logits = model.lm_logits(hidden[:, num_queries:-1])  # [B, T - 1, V]: the last predicts nothing
-        loss_itg = itg_loss(lm_logits, dec_ids, text_mask, self.cfg.stage.label_smoothing)
-
-        stage = self.cfg.stage
-        loss = stage.itc_weight * loss_itc + stage.itm_weight * loss_itm + stage.itg_weight * loss_itg
-        return {"loss": loss, "itc": loss_itc, "itm": loss_itm, "itg": loss_itg}
+        return self.objective(self.model, vision_tokens, input_ids, text_mask, batch["image_id"], self.itm_generator)
 
     def training_step(self, batch: dict, batch_idx: int):
         self.count_samples(batch)

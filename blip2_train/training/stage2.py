@@ -19,6 +19,7 @@ from torch import nn
 
 from blip2_train.models.bridges import QFormerBridge, build_mlp_bridge
 from blip2_train.models.llm import build_llm
+from blip2_train.models.objectives import Stage2Objective
 from blip2_train.models.qformer import num_parameters
 from blip2_train.training.base import Blip2Base
 from blip2_train.training.tiny_llm import pretrain_from_config
@@ -34,6 +35,7 @@ class Stage2Module(Blip2Base):
         super().__init__(cfg)
         self.llm, self.llm_tokenizer = build_llm(cfg.llm, self.cache_dir, pretrain=pretrain_from_config)
         self.decoder_only = cfg.llm.kind == "decoder"
+        self.objective = Stage2Objective(self.decoder_only)  # no parameters of its own
         llm_width = self.llm.model.get_input_embeddings().embedding_dim
         self.bridge_name = OmegaConf.select(cfg, "bridge.name", default="qformer")  # older checkpoints: qformer
         if self.bridge_name == "qformer":
@@ -75,21 +77,8 @@ class Stage2Module(Blip2Base):
         return self.bridge(vision_tokens)
 
     def lm_loss(self, prompts: torch.Tensor, batch: dict) -> torch.Tensor:
-        """Mean CE over target tokens; the Q visual prompts carry label -100 (never targets)."""
-        llm = self.llm
-        ids, mask, labels = batch["llm_input_ids"], batch["llm_attention_mask"], batch["llm_labels"]
-        text = llm.embed(ids)  # [B, T, D]
-        prompts = prompts.to(text.dtype)
-        visual_mask = torch.ones(prompts.shape[:2], dtype=mask.dtype, device=mask.device)
-        inputs = torch.cat([prompts, text], dim=1)  # [B, Q + T, D]
-        attention = torch.cat([visual_mask, mask], dim=1)
-        if self.decoder_only:
-            ignore = torch.full(prompts.shape[:2], -100, dtype=labels.dtype, device=labels.device)
-            out = llm(inputs_embeds=inputs, attention_mask=attention, labels=torch.cat([ignore, labels], 1))
-        else:
-            out = llm(inputs_embeds=inputs, attention_mask=attention, labels=labels,
-                      decoder_attention_mask=batch["llm_decoder_attention_mask"])
-        return out.loss
+        """Mean CE over target tokens (``models.objectives.Stage2Objective``); the visual prompts are never targets."""
+        return self.objective.lm_loss(self.llm, prompts, batch)
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, prompts: list[str] | str | None = None, **overrides) -> list[str]:
