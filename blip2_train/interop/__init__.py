@@ -2,7 +2,7 @@
 
 - :func:`import_external` reads a transformers BLIP-2 directory (an export of ours or a hub snapshot
   such as Salesforce/blip2-opt-2.7b) or a LAVIS checkpoint into our module's names; ``init_from``
-  (``checkpoint_io.load_init``) copies what matches and prints the report.
+  (``training.checkpoints.load_init``) copies what matches and prints the report.
 - :func:`blip2_train.export.export_checkpoint` writes a checkpoint as a transformers
   directory (``python -m blip2_train.export``).
 

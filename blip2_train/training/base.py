@@ -173,7 +173,7 @@ class Blip2Base(L.LightningModule):
         return "encoder" in rebuildable_parts(self.cfg)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """One rule (``checkpoint_io.rebuildable_parts``): the frozen parts rebuilt from their own weights
+        """One rule (``interop.state_dict.rebuildable_parts``): the frozen parts rebuilt from their own weights
         are left out of a single-file checkpoint, which records them and their sources under
         ``omitted_parts``. A sharded (FSDP) checkpoint keeps every weight (loading it back requires
         every key) and records them under ``rebuildable_parts``, for ``consolidate``."""

@@ -99,7 +99,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, tracker: ValidationTracker, re
         deterministic=t.deterministic, enable_progress_bar=t.enable_progress_bar,
         enable_checkpointing=False, logger=build_loggers(cfg, run_dir, resumed_from), callbacks=callbacks,
         default_root_dir=str(run_dir), use_distributed_sampler=False,
-        plugins=[safe_checkpoint_io()],  # resuming reads last.ckpt as data only (checkpoint_io.safe_load)
+        plugins=[safe_checkpoint_io()],  # resuming reads last.ckpt as data only (interop.state_dict.safe_load)
     )
 
 
@@ -121,7 +121,7 @@ def build_strategy(cfg: DictConfig):
 def checkpoint_step(path: Path) -> int:
     """The global step a checkpoint was written at: a ``.ckpt`` file, or a sharded (FSDP) checkpoint
     directory, whose ``meta.pt`` holds everything but the tensors. Read as data only; a file that holds
-    anything else is refused with an error naming it (``checkpoint_io.resume_step``)."""
+    anything else is refused with an error naming it (``interop.state_dict.resume_step``)."""
     from blip2_train.interop.state_dict import resume_step
 
     return resume_step(path)

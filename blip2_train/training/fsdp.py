@@ -58,7 +58,7 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
         """Resume as data only: a sharded directory's meta.pt, .metadata and every non-tensor shard entry
-        are checked first (``checkpoint_io.verify_sharded_checkpoint``), and torch's distributed reader
+        are checked first (``interop.state_dict.verify_sharded_checkpoint``), and torch's distributed reader
         runs with safe reads; a single file is read with ``weights_only=True`` and the allow-list."""
         from pathlib import Path
 
