@@ -111,7 +111,7 @@ def _is_frozen(module: nn.Module) -> bool:
 
 
 # FSDP2 warns for every unit output that is a view (the Q-Former's K/V heads, the temperature): an
-# in-place op on one would skip a gather. No such op follows; tests/test_fsdp.py checks the gradients.
+# in-place op on one would skip a gather. No such op follows; tests/e2e/test_fsdp.py checks the gradients.
 warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
 

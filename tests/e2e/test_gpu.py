@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from test_stage1_run import make_cfg  # tests/ is on sys.path under pytest
+from test_stage1_run import make_cfg  # tests/e2e/ is on sys.path under pytest (this file's folder)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

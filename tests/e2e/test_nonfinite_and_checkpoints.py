@@ -5,7 +5,7 @@ import csv
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from test_stage1_run import make_cfg  # tests/ is on sys.path under pytest
+from test_stage1_run import make_cfg  # tests/e2e/ is on sys.path under pytest (this file's folder)
 
 
 def poison(monkeypatch, bad_steps):

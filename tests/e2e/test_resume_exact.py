@@ -5,7 +5,7 @@ step and random states (CPU, fp32)."""
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from test_stage1_run import make_cfg  # tests/ is on sys.path under pytest
+from test_stage1_run import make_cfg  # tests/e2e/ is on sys.path under pytest (this file's folder)
 
 # 3 batches per epoch, so the runs cross epochs; validation every 3 steps
 EXACT = ["trainer.max_steps=7", "data.samples_per_epoch=24", "trainer.val_check_interval=3",

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from test_stage1_run import make_cfg  # tests/ is on sys.path under pytest
+from test_stage1_run import make_cfg  # tests/e2e/ is on sys.path under pytest (this file's folder)
 
 from blip2_train.interop.state_dict import UnsafeCheckpointError
 

@@ -4,7 +4,7 @@ import csv
 import json
 
 import pytest
-from test_stage1_run import make_cfg  # tests/ is on sys.path under pytest
+from test_stage1_run import make_cfg  # tests/e2e/ is on sys.path under pytest (this file's folder)
 
 
 def test_csv_logs_throughput_and_the_validation_table(tmp_path, cache):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = "blip2_train"
-PACKAGE_DIR = Path(__file__).resolve().parent.parent / PACKAGE
+PACKAGE_DIR = Path(__file__).resolve().parents[2] / PACKAGE
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from blip2_train.data import expand_urls
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_jsonl_to_shards_writes_readable_shards_and_reports_skips(tmp_path):

@@ -20,7 +20,7 @@ from blip2_train.config import CONF_DIR, normalize_overrides, register_configs
 from blip2_train.metrics.vqa import majority_baseline, normalize_answer, vqa_accuracy, vqa_score
 
 register_configs()
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 
 
 # ------------------------------------------------------------------------------------- metric
