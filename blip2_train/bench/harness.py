@@ -415,7 +415,8 @@ def _table(result: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m blip2_train.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m blip2_train.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per figure (after 1 warm-up)")
     parser.add_argument("--impl", default="fast,hf,lavis", help="Q-Former implementations for stage 1; the "
                         "first one gives the stage1_* and stage2_* figures; lavis = LAVIS's own code (fetched "

@@ -123,7 +123,8 @@ class Stage2Objective(nn.Module):
         super().__init__()
         self.decoder_only = decoder_only
 
-    def forward(self, bridge: nn.Module, llm: nn.Module, vision_tokens: torch.Tensor, batch: dict) -> torch.Tensor:
+    def forward(self, bridge: nn.Module, llm: nn.Module, vision_tokens: torch.Tensor,
+                batch: dict) -> torch.Tensor:
         """``bridge``: vision tokens [B, N, W] -> prompts [B, M, D_llm] (models/bridges.py); ``llm``: a
         ``FrozenLLM``; ``batch``: ``llm_input_ids``, ``llm_attention_mask``, ``llm_labels`` [B, T] (and
         ``llm_decoder_attention_mask`` for an encoder-decoder)."""

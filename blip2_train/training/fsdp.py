@@ -178,7 +178,8 @@ def check_units(module: nn.Module) -> None:
     loose = [name for name, p in module.named_parameters() if p.requires_grad and not isinstance(p, DTensor)]
     if loose:
         raise RuntimeError(f"trainable parameters outside every FSDP unit (their gradients would not be "
-                           f"averaged over ranks): {loose[:5]}; add their module to blip2_train/training/fsdp.py")
+                           f"averaged over ranks): {loose[:5]}; add their module to "
+                           f"blip2_train/training/fsdp.py")
     units = [(name, unit) for name, unit in module.named_modules() if isinstance(unit, FSDPModule)]
     for name, unit in units:
         inner = {id(p) for other_name, other in units if other_name.startswith(name + ".")

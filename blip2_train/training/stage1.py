@@ -19,7 +19,8 @@ class Stage1Module(Blip2Base):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.dec_token_id = self.tokenizer.convert_tokens_to_ids("[DEC]")
-        self.objective = Stage1Objective.from_stage(self.cfg.stage, self.dec_token_id)  # no parameters of its own
+        # the losses; no parameters of its own (the Q-Former stays self.model)
+        self.objective = Stage1Objective.from_stage(self.cfg.stage, self.dec_token_id)
         self._val_outputs: list[dict] = []
         self._val_images = torch.zeros(0)
         self.val_samples: list[dict] = []  # written by tracking.ValidationSamples
@@ -50,7 +51,8 @@ class Stage1Module(Blip2Base):
         vision_tokens = batch.get("vision_tokens")  # [B, N, W] from data.feature_cache
         if vision_tokens is None:
             vision_tokens = self.encoder(batch["image"])  # [B, N, W]; no_grad and detached when frozen
-        return self.objective(self.model, vision_tokens, input_ids, text_mask, batch["image_id"], self.itm_generator)
+        return self.objective(self.model, vision_tokens, input_ids, text_mask, batch["image_id"],
+                              self.itm_generator)
 
     def training_step(self, batch: dict, batch_idx: int):
         self.count_samples(batch)

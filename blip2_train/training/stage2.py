@@ -77,7 +77,7 @@ class Stage2Module(Blip2Base):
         return self.bridge(vision_tokens)
 
     def lm_loss(self, prompts: torch.Tensor, batch: dict) -> torch.Tensor:
-        """Mean CE over target tokens (``models.objectives.Stage2Objective``); the visual prompts are never targets."""
+        """Mean CE over target tokens (``models.objectives.Stage2Objective``); prompts are never targets."""
         return self.objective.lm_loss(self.llm, prompts, batch)
 
     @torch.no_grad()
