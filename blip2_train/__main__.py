@@ -21,7 +21,7 @@ def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from blip2_train.train import train
+    from blip2_train.training.fit import train
 
     # A multirun job (-m) writes to run_dir/<job number>: Hydra's output dir for this job.
     with open_dict(cfg):

@@ -40,7 +40,7 @@ def consolidate(sharded_dir: str | Path, output: str | Path) -> dict:
     checkpoint.pop("optimizer_states", None)
     # a single file follows the one rule of checkpoints: the frozen parts rebuilt from their own weights
     # are left out (their sources, resolved when training, recorded)
-    from blip2_train.checkpoint_io import rebuildable_parts
+    from blip2_train.interop.state_dict import rebuildable_parts
 
     parts = checkpoint.pop("rebuildable_parts", None)
     if parts is None:  # written before sharded checkpoints recorded them

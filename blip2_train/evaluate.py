@@ -54,8 +54,8 @@ def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
 
 def user_errors():
     """The errors a command line's user makes (a misspelt override, weights that moved): a message, no traceback."""
-    from blip2_train.checkpoint_io import MissingSourceError
     from blip2_train.config import OverrideError
+    from blip2_train.training.modules import MissingSourceError
 
     return OverrideError, MissingSourceError
 
@@ -89,8 +89,8 @@ def zero_shot_vqa_overrides(ckpt_path: str, overrides: list[str]) -> list[str]:
 
 
 def evaluate(ckpt_path: str, overrides: list[str] = (), output: str | None = None) -> dict:
-    from blip2_train.checkpoint_io import module_from_checkpoint
-    from blip2_train.train import build_datamodule, resolve_precision
+    from blip2_train.training.fit import build_datamodule, resolve_precision
+    from blip2_train.training.modules import module_from_checkpoint
 
     overrides = zero_shot_vqa_overrides(ckpt_path, list(overrides))
     module, cfg = module_from_checkpoint(ckpt_path, overrides, OWN_KEYS)

@@ -13,6 +13,7 @@ against the schema; ``llm.model=DIR`` / ``encoder.pretrained=FILE`` where the fr
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 OWN_KEYS = ("ckpt_path", "output_dir", "export.vision")
 
@@ -28,9 +29,18 @@ def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
     return own, overrides
 
 
+def export_checkpoint(ckpt_path: str | Path, output_dir: str | Path, vision: bool = True,
+                      overrides: list[str] = ()) -> Path:
+    """The checkpoint's module (its stored config under ``overrides``) written by ``interop.hf_export``."""
+    from blip2_train.interop.hf_export import export_module
+    from blip2_train.training.modules import module_from_checkpoint
+
+    module, _ = module_from_checkpoint(ckpt_path, list(overrides), OWN_KEYS)
+    return export_module(module.float(), output_dir, vision=vision)
+
+
 def main(argv: list[str] | None = None) -> None:
     from blip2_train.evaluate import user_errors
-    from blip2_train.interop.hf_export import export_checkpoint
 
     own, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:

@@ -18,8 +18,8 @@ OWN_KEYS = ("ckpt_path", "image", "prompt")
 
 
 def generate(ckpt_path: str, image: str, prompt: str | None = None, overrides: list[str] = ()) -> str:
-    from blip2_train.checkpoint_io import module_from_checkpoint
     from blip2_train.data.transforms import eval_transform
+    from blip2_train.training.modules import module_from_checkpoint
 
     module, cfg = module_from_checkpoint(ckpt_path, list(overrides), OWN_KEYS)
     if cfg.stage.name != 2:

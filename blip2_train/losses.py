@@ -33,7 +33,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` over all ranks along dim 0; gradients flow back to every rank's part.
 
     With DDP's gradient averaging this gives exactly the gradient of the loss computed in one
-    process on the concatenated batch (tests/test_losses.py checks it with 2 processes).
+    process on the concatenated batch (tests/unit/pure/test_losses.py checks it with 2 processes).
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x

@@ -12,7 +12,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> None:
-    from blip2_train.sweep_report import write_report
+    from blip2_train.training.sweep_report import write_report
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or args[0].startswith("-"):

@@ -61,7 +61,7 @@ def bert_dir(hub_root) -> Path:
     """A BertForMaskedLM directory with a BertTokenizerFast whose vocabulary lacks [DEC] (as bert-base-uncased)."""
     from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
 
-    from blip2_train.tokenization import DEC_TOKEN, tiny_vocab
+    from blip2_train.models.tokenization import DEC_TOKEN, tiny_vocab
 
     directory = hub_root / "bert_tiny"
     directory.mkdir()
@@ -76,7 +76,7 @@ def bert_dir(hub_root) -> Path:
 
 
 def _pretrained_llm(model, tokenizer, kind: str, root: Path) -> None:
-    from blip2_train.models.llm import pretrain_tiny_llm
+    from blip2_train.training.tiny_llm import pretrain_tiny_llm
 
     pretrain_tiny_llm(model, tokenizer, kind, LLM_PRETRAIN_STEPS, root / "llm_pretrain", seed=0)
 

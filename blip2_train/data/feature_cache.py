@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     from hydra import compose, initialize_config_dir
 
     from blip2_train.config import CONF_DIR, normalize_overrides, register_configs
-    from blip2_train.data.webdataset import expand_urls
+    from blip2_train.data.stages import expand_urls
     from blip2_train.models.encoders import build_image_encoder
 
     register_configs()

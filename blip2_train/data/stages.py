@@ -9,14 +9,17 @@ worker, epoch) alone.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
 import logging
+import os
 import random
 from collections.abc import Callable, Iterator
 
 import torch
+from braceexpand import braceexpand
 from PIL import Image
 
 from blip2_train.data.text import clean_caption
@@ -361,3 +364,30 @@ class BatchSamples:
                 chunk = []
         if chunk and self.partial:
             yield self.collate(chunk)
+
+
+def expand_urls(spec: str) -> list[str]:
+    """Shard URLs from brace patterns and/or directories (every .tar, sorted), joined by ``::``."""
+    urls: list[str] = []
+    for part in str(spec).split("::"):
+        part = os.path.expanduser(part.strip())
+        if not part:
+            continue
+        if os.path.isdir(part):
+            found = sorted(glob.glob(os.path.join(part, "*.tar")))
+            if not found:
+                raise FileNotFoundError(f"shard directory {part} holds no .tar files (found: "
+                                        f"{sorted(os.listdir(part))[:10]})")
+            urls.extend(found)
+            continue
+        expanded = list(braceexpand(part))
+        local = [u for u in expanded if "://" not in u and not u.startswith("pipe:")]
+        missing = [u for u in local if not os.path.isfile(u)]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} of {len(expanded)} shards of {part!r} do not exist (first: {missing[0]}); "
+                f"give a directory of .tar files or a brace pattern such as dir/{{00000..00007}}.tar")
+        urls.extend(expanded)
+    if not urls:
+        raise FileNotFoundError(f"no shards in {spec!r}")
+    return urls

@@ -22,32 +22,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-COLORS = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 215, 40),
-    "purple": (140, 50, 170), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (15, 15, 15),
-    "gray": (128, 128, 128), "pink": (245, 150, 200),
-}
-SHAPES = ("circle", "square", "triangle", "cross", "ring", "bar")
-SIZES = {"small": 0.28, "large": 0.55}
-POSITIONS = {"top": 0.27, "middle": 0.5, "bottom": 0.73}
-
-
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, color) -> None:
-    box = (cx - r, cy - r, cx + r, cy + r)
-    if shape == "circle":
-        draw.ellipse(box, fill=color)
-    elif shape == "square":
-        draw.rectangle(box, fill=color)
-    elif shape == "triangle":
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
-    elif shape == "cross":
-        w = r / 3
-        draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=color)
-        draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=color)
-    elif shape == "ring":
-        draw.ellipse(box, outline=color, width=max(2, int(r / 2.5)))
-    elif shape == "bar":
-        draw.rectangle((cx - r, cy - r / 3, cx + r, cy + r / 3), fill=color)
+from blip2_train.data.shapes import COLORS, POSITIONS, SHAPES, SIZES
+from blip2_train.data.shapes import draw_shape as _draw_shape
 
 
 def random_caption(rng: random.Random) -> str:

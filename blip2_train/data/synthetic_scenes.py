@@ -16,7 +16,8 @@ import random
 
 from PIL import Image, ImageDraw
 
-from blip2_train.data.synthetic import COLORS, SHAPES, _draw_shape
+from blip2_train.data.shapes import COLORS, SHAPES
+from blip2_train.data.shapes import draw_shape as _draw_shape
 from blip2_train.metrics import scenes as grammar
 
 # the parser's vocabulary is the generator's

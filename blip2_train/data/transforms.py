@@ -26,3 +26,14 @@ def eval_transform(size: int) -> T.Compose:
         T.ToTensor(),
         T.Normalize(CLIP_MEAN, CLIP_STD),
     ])
+
+
+def image_processor(cfg):
+    """transformers' BlipImageProcessor doing what :func:`eval_transform` does (an export's processor)."""
+    from transformers import BlipImageProcessor
+    from transformers.image_utils import PILImageResampling
+
+    size = int(cfg.encoder.image_size)
+    return BlipImageProcessor(size={"height": size, "width": size}, resample=PILImageResampling.BICUBIC,
+                               image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_rescale=True,
+                               do_normalize=True, do_convert_rgb=True)

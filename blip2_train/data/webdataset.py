@@ -20,16 +20,13 @@ with an error naming what was found instead of looping forever.
 
 from __future__ import annotations
 
-import glob
 import logging
-import os
 from collections.abc import Callable
 from itertools import islice
 
 import lightning as L
 import torch
 import webdataset as wds
-from braceexpand import braceexpand
 
 from blip2_train.data.stages import (
     BatchSamples,
@@ -40,6 +37,7 @@ from blip2_train.data.stages import (
     MixSources,
     ShuffleBuffer,
     SkipCounter,
+    expand_urls,
     sample_image_id,
     stable_id,
 )
@@ -48,32 +46,6 @@ from blip2_train.data.transforms import eval_transform, train_transform
 log = logging.getLogger("blip2_train.data")
 
 __all__ = ["Blip2DataModule", "DataLayoutError", "expand_urls", "sample_image_id", "skipped_fraction", "stable_id"]
-
-def expand_urls(spec: str) -> list[str]:
-    """Shard URLs from brace patterns and/or directories (every .tar, sorted), joined by ``::``."""
-    urls: list[str] = []
-    for part in str(spec).split("::"):
-        part = os.path.expanduser(part.strip())
-        if not part:
-            continue
-        if os.path.isdir(part):
-            found = sorted(glob.glob(os.path.join(part, "*.tar")))
-            if not found:
-                raise FileNotFoundError(f"shard directory {part} holds no .tar files (found: "
-                                        f"{sorted(os.listdir(part))[:10]})")
-            urls.extend(found)
-            continue
-        expanded = list(braceexpand(part))
-        local = [u for u in expanded if "://" not in u and not u.startswith("pipe:")]
-        missing = [u for u in local if not os.path.isfile(u)]
-        if missing:
-            raise FileNotFoundError(
-                f"{len(missing)} of {len(expanded)} shards of {part!r} do not exist (first: {missing[0]}); "
-                f"give a directory of .tar files or a brace pattern such as dir/{{00000..00007}}.tar")
-        urls.extend(expanded)
-    if not urls:
-        raise FileNotFoundError(f"no shards in {spec!r}")
-    return urls
 
 
 def ensure_synthetic(synthetic_cfg) -> tuple[str, str]:

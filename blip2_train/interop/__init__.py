@@ -2,8 +2,8 @@
 
 - :func:`import_external` reads a transformers BLIP-2 directory (an export of ours or a hub snapshot
   such as Salesforce/blip2-opt-2.7b) or a LAVIS checkpoint into our module's names; ``init_from``
-  (``checkpoint_io.load_init``) copies what matches and prints the report.
-- :func:`blip2_train.interop.hf_export.export_checkpoint` writes a checkpoint as a transformers
+  (``training.checkpoints.load_init``) copies what matches and prints the report.
+- :func:`blip2_train.export.export_checkpoint` writes a checkpoint as a transformers
   directory (``python -m blip2_train.export``).
 
 Files from elsewhere are data, not code: safetensors, or ``torch.load(weights_only=True)``.
@@ -40,7 +40,7 @@ def read_hf_directory(directory: Path, skip_prefixes=("language_model.",)) -> di
                     if not key.startswith(tuple(skip_prefixes)):
                         state[key] = handle.get_tensor(key)
     else:
-        from blip2_train.checkpoint_io import read_state_dict
+        from blip2_train.interop.state_dict import read_state_dict
 
         bins = sorted(directory.glob("pytorch_model*.bin"))
         if not bins:
@@ -70,7 +70,7 @@ def import_external(path: str | Path, module) -> dict[str, torch.Tensor]:
                                  f"'blip-2'); export one with `python -m blip2_train.export`")
         hf_state = read_hf_directory(path)
     else:
-        from blip2_train.checkpoint_io import read_state_dict
+        from blip2_train.interop.state_dict import read_state_dict
 
         lavis = read_state_dict(path)
         if not is_lavis_state(lavis):

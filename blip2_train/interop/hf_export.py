@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from blip2_train.data.transforms import image_processor
 from blip2_train.interop import EXTRAS_FILE, META_FILE
 from blip2_train.interop.names import EXTRA_PREFIXES, QFORMER_PREFIXES, eva_to_hf_vision
 
@@ -43,18 +44,6 @@ def vision_config_and_state(encoder, ln_vision, vision: bool) -> tuple[dict, dic
     state = {k: v.float() for k, v in vit.state_dict().items()}
     hf = {"vision_model." + k: v for k, v in eva_to_hf_vision(state).items()}
     return config, {**hf, **post_ln}
-
-
-def image_processor(cfg):
-    from transformers import BlipImageProcessor
-    from transformers.image_utils import PILImageResampling
-
-    from blip2_train.data.transforms import CLIP_MEAN, CLIP_STD
-
-    size = int(cfg.encoder.image_size)
-    return BlipImageProcessor(size={"height": size, "width": size}, resample=PILImageResampling.BICUBIC,
-                               image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_rescale=True,
-                               do_normalize=True, do_convert_rgb=True)
 
 
 def export_module(module, output_dir: str | Path, vision: bool = True) -> Path:
@@ -183,11 +172,3 @@ def dict_of(cfg) -> dict:
 
     return OmegaConf.to_container(cfg, resolve=True)
 
-
-def export_checkpoint(ckpt_path: str | Path, output_dir: str | Path, vision: bool = True,
-                      overrides: list[str] = ()) -> Path:
-    from blip2_train.checkpoint_io import module_from_checkpoint
-    from blip2_train.export import OWN_KEYS
-
-    module, _ = module_from_checkpoint(ckpt_path, list(overrides), OWN_KEYS)
-    return export_module(module.float(), output_dir, vision=vision)

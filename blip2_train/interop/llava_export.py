@@ -9,7 +9,7 @@ is the tokenizer's unknown token (a byte-level BPE never produces it from text),
 and the LM head stay unchanged. The processor puts one placeholder per visual token in front of the
 text. Stage 2 puts the visual prompts in front of BOS + prompt, where LLaVA's template puts BOS first;
 for our captions give the processor that order: ``text=processor.image_token + tokenizer.bos_token + prompt``
-with ``add_special_tokens=False`` (tests/test_llava_export.py checks greedy captions that way).
+with ``add_special_tokens=False`` (tests/unit/interop/test_llava_export.py checks greedy captions that way).
 
 Bridges without a transformers home (``pool_mlp``: LLaVA has no pooling; an MLP of another width; EVA
 encoders; encoder-decoder LLMs) stop with a message saying so.
@@ -80,7 +80,7 @@ def export_llava(module, output_dir: str | Path) -> Path:
     """Write ``module`` (a Stage2Module with bridge=mlp) as a transformers LLaVA directory."""
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    from blip2_train.interop.hf_export import image_processor
+    from blip2_train.data.transforms import image_processor
 
     problem = llava_export_problem(module)
     if problem:

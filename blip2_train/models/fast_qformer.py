@@ -19,8 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from blip2_train.config import VALID
-
 # Per cross-attention layer, in layer order: (key, value), each [B, heads, N, head_dim].
 CrossKV = list[tuple[torch.Tensor, torch.Tensor]]
 # The rows of a pass in equal chunks of C rows; per chunk, where its images' K/V are: an int
@@ -31,7 +29,9 @@ Chunks = list  # list[int | torch.Tensor]
 Affine = tuple[torch.Tensor, torch.Tensor]
 
 
-DROPOUT_MASKS = VALID["qformer.dropout_masks"]  # ("packed", "torch")
+# the dropout-mask implementations this module has; config.VALID["qformer.dropout_masks"] lists the same
+# (tests/unit/models/test_fast_qformer.py checks they agree: models/ never imports config)
+DROPOUT_MASKS = ("packed", "torch")
 
 
 def packed_keep_mask(shape: tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
@@ -270,7 +270,7 @@ class QFormerLayer(nn.Module):
     def cross_key_value(self, image_embeds: torch.Tensor, affine: Affine | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's cross-attention (key, value) of the images (a method of the layer, so that
-        FSDP can gather the layer's weights around it: see blip2_train/fsdp.py); ``affine``: see
+        FSDP can gather the layer's weights around it: see blip2_train/training/fsdp.py); ``affine``: see
         :meth:`FastQFormerModel.cross_attention_kv`."""
         return self.crossattention.attention.key_value(image_embeds, affine)
 

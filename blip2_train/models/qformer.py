@@ -235,7 +235,7 @@ class QFormer(nn.Module):
         from transformers import BertForMaskedLM
 
         try:
-            from blip2_train.hub import local_only
+            from blip2_train.utils.hub import local_only
 
             bert = BertForMaskedLM.from_pretrained(bert_name_or_path,
                                                    local_files_only=local_only(bert_name_or_path))
