@@ -2,6 +2,7 @@
 with each bridge and each LLM kind."""
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,3 +154,51 @@ def test_mlp_bridge_run_evaluates(bridge, llm, data, tmp_path, cache):
     result = evaluate(str(ckpt), ["generation.num_beams=1"])
     assert result["metrics"]["val/loss"] == pytest.approx(metrics["val/loss"], rel=1e-5)
     assert len(result["predictions"]) == 4
+
+
+def test_qformer_stage1_arm_trains_stage1_once_and_starts_stage2_from_it(tmp_path, cache):
+    """bridge=qformer_stage1: a stage 1 is trained first (cached by its config) and loaded as init_from; a
+    second run of the arm (another lr and seed) reuses it; another query count trains its own."""
+    import yaml
+
+    from blip2_train.train import stage1_init_dir, train
+
+    def run(name, *extra):
+        overrides = ["bridge=qformer_stage1", "bridge.stage1_steps=2", "data=synthetic_scenes", "trainer=cpu",
+                     f"run_dir={tmp_path / name}", "trainer.max_steps=0", "trainer.enable_progress_bar=false",
+                     "logger=none", "data.batch_size=4", "data.num_workers=0", "data.synthetic.num_train=8",
+                     "data.synthetic.num_val=4", "data.synthetic.samples_per_shard=8", "data.samples_per_epoch=8",
+                     "generation.num_beams=0", "retrieval.k_test=4", *extra]
+        train(cfg_for("tiny_opt", cache, *overrides))
+        return yaml.safe_load((tmp_path / name / "config.yaml").read_text())
+
+    first = run("a", "bridge.num_tokens=4", "optim.lr=1e-3", "seed=0")
+    init = first["init_from"]
+    stage1_dir = Path(init).parent.parent
+    assert stage1_dir.parent == cache / "stage1_init" and stage1_dir.name.isalnum()
+    stage1 = yaml.safe_load((stage1_dir / "config.yaml").read_text())
+    assert stage1["stage"]["name"] == 1 and stage1["llm"]["name"] == "none" and stage1["trainer"]["max_steps"] == 2
+    assert stage1["qformer"]["num_query_tokens"] == 4 and stage1["seed"] == 0 and stage1["bridge"]["stage1_steps"] == 0
+    # max_steps=0 writes the stage-2 model as initialised: its Q-Former is stage 1's, tensor for tensor
+    s1 = torch.load(init, map_location="cpu", weights_only=True)["state_dict"]
+    s2 = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    shared = [k for k in s2 if k.startswith("model.")]
+    assert len(shared) > 10 and all(torch.equal(s1[k], s2[k]) for k in shared)
+    assert "model.query_tokens" in shared and "language_projection.weight" not in s1
+    written = (stage1_dir / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    second = run("b", "bridge.num_tokens=4", "optim.lr=3e-3", "seed=1")
+    assert second["init_from"] == init and (stage1_dir / "checkpoints" / "last.ckpt").stat().st_mtime_ns == written
+    assert [p.name for p in (cache / "stage1_init").iterdir()] == [stage1_dir.name]
+    # another query count (or encoder, data, stage-1 length) is another stage 1
+    other = cfg_for("tiny_opt", cache, "bridge=qformer_stage1", "bridge.stage1_steps=2", "data=synthetic_scenes",
+                    "trainer=cpu", "bridge.num_tokens=9")
+    assert stage1_init_dir(other).parent == stage1_dir.parent and stage1_init_dir(other) != stage1_dir
+
+
+def test_stage1_steps_is_refused_where_it_cannot_apply(cache):
+    with pytest.raises(ValueError, match="needs stage=2 and bridge=qformer"):
+        validate(cfg_for("tiny_opt", cache, "bridge=pool_mlp", "bridge.stage1_steps=5"))
+    with pytest.raises(ValueError, match="drop one of them"):
+        validate(cfg_for("tiny_opt", cache, "bridge=qformer_stage1", "init_from=/tmp/x.ckpt"))
+    with pytest.raises(ValueError, match="run stage 1 on its own"):
+        validate(cfg_for("tiny_opt", cache, "bridge=qformer_stage1", "trainer=fsdp"))
