@@ -146,6 +146,9 @@ def test_mlp_bridge_run_evaluates(bridge, llm, data, tmp_path, cache):
     assert metrics["bridge/trainable_params"] == sum(
         p.numel() for p in build_mlp_bridge(bridge, 64, 64, 65, None if bridge == "mlp" else 16).parameters())
     assert metrics["train/samples_per_s_mean"] > 0
+    # LLM tokens per sample: the bridge's visual tokens plus the caption's (at most llm.max_text_len: 48, 32)
+    per_sample = metrics["train/llm_tokens_per_s_mean"] / metrics["train/samples_per_s_mean"]
+    assert module_tokens + 5 < per_sample <= module_tokens + 48
     scene_keys = {"val/attr_acc", "val/attr_acc/color", "val/count_acc", "val/hallucination"}
     assert scene_keys <= set(metrics) if data == "synthetic_scenes" else not scene_keys & set(metrics)
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -154,6 +157,28 @@ def test_mlp_bridge_run_evaluates(bridge, llm, data, tmp_path, cache):
     result = evaluate(str(ckpt), ["generation.num_beams=1"])
     assert result["metrics"]["val/loss"] == pytest.approx(metrics["val/loss"], rel=1e-5)
     assert len(result["predictions"]) == 4
+    # generate (the CLI's function) captions an image file with the checkpoint's bridge: the module's own caption
+    from PIL import Image
+
+    from blip2_train.checkpoint_io import load_init, module_from_checkpoint
+    from blip2_train.data.transforms import eval_transform
+    from blip2_train.generate import generate
+    from blip2_train.stage2 import Stage2Module
+
+    Image.fromarray((torch.rand(64, 64, 3) * 255).to(torch.uint8).numpy()).save(tmp_path / "img.png")
+    module, _ = module_from_checkpoint(ckpt)
+    pixels = eval_transform(64)(Image.open(tmp_path / "img.png").convert("RGB"))[None]
+    assert generate(str(ckpt), str(tmp_path / "img.png")) == module.generate(pixels)[0]
+    # init_from a run of the same bridge: every bridge weight is the checkpoint's
+    fresh = Stage2Module(cfg_for(llm, cache, *overrides[:2]))
+    report = load_init(fresh, ckpt)
+    assert sorted(k for k in report["matched"] if k.startswith("bridge.")) == sorted(
+        k for k in state if k.startswith("bridge."))
+    assert all(torch.equal(fresh.state_dict()[k], state[k]) for k in state if k.startswith("bridge."))
+    # init_from a run of another bridge matches nothing of this one: the error names both bridges
+    qformer = Stage2Module(cfg_for(llm, cache, *overrides[1:2]))
+    with pytest.raises(ValueError, match="trained with bridge=mlp or bridge=pool_mlp, and this model.s is bridge=qformer"):
+        load_init(qformer, ckpt)
 
 
 def test_qformer_stage1_arm_trains_stage1_once_and_starts_stage2_from_it(tmp_path, cache):
