@@ -78,6 +78,12 @@ class BridgeConfig:
     num_tokens: int | None = 32
     keep_cls: bool = False  # mlp / pool_mlp: also feed the encoder's CLS token (LLaVA-1.5 and DeCo drop it)
     hidden_size: int | None = None  # mlp / pool_mlp: the MLP's hidden width; null = the LLM's width
+    # qformer only: > 0 first trains a stage 1 (ITC + ITM + ITG, llm=none) of this many steps on the same
+    # encoder, data and Q-Former, at stage1_lr and stage1_seed, cached under ${cache_dir}/stage1_init/ keyed
+    # by its config, and starts stage 2 from it (init_from). 0: from scratch, or from init_from as given.
+    stage1_steps: int = 0
+    stage1_lr: float = 1e-3
+    stage1_seed: int = 0
 
 
 @dataclass
@@ -430,8 +436,14 @@ def validate_task(cfg) -> None:
 
 
 def bridge_names() -> list[str]:
-    """The bridges there are: the files of conf/bridge (a new bridge is a module and a YAML file)."""
-    return sorted(p.stem for p in (CONF_DIR / "bridge").glob("*.yaml"))
+    """The bridges there are: the ``bridge.name`` values of the files of conf/bridge (a new bridge is a module
+    and a YAML file; a file such as qformer_stage1.yaml is another recipe of a bridge, not another bridge)."""
+    from omegaconf import OmegaConf
+
+    names = set()
+    for path in (CONF_DIR / "bridge").glob("*.yaml"):
+        names.add(str(OmegaConf.select(OmegaConf.load(path), "bridge.name", default=path.stem)))
+    return sorted(names)
 
 
 def validate_bridge(cfg) -> None:
@@ -449,6 +461,21 @@ def validate_bridge(cfg) -> None:
                          f"set bridge.num_tokens={cfg.qformer.num_query_tokens} (it sets qformer.num_query_tokens)")
     if count is not None and count < 1:
         raise ValueError(f"bridge.num_tokens must be >= 1 or null, got {count}")
+    steps = OmegaConf.select(cfg, "bridge.stage1_steps", default=0) or 0
+    if steps < 0:
+        raise ValueError(f"bridge.stage1_steps must be >= 0 (0: no stage-1 pre-training), got {steps}")
+    if steps and (cfg.stage.name != 2 or name != "qformer"):
+        raise ValueError(f"bridge.stage1_steps={steps} pre-trains a Q-Former for stage 2: it needs stage=2 and "
+                         f"bridge=qformer (got stage={cfg.stage.name}, bridge={name}); set bridge.stage1_steps=0")
+    if steps and cfg.init_from:
+        raise ValueError(f"bridge.stage1_steps={steps} makes its own init_from (a cached stage-1 run), but "
+                         f"init_from={cfg.init_from} is given too: drop one of them")
+    if steps and (cfg.trainer.strategy != "auto" or str(cfg.trainer.devices) not in ("1", "auto")
+                  or cfg.trainer.num_nodes != 1):
+        raise ValueError(f"bridge.stage1_steps={steps} trains its stage 1 in this process, on one device: with "
+                         f"trainer.strategy={cfg.trainer.strategy}, devices={cfg.trainer.devices}, num_nodes="
+                         f"{cfg.trainer.num_nodes}, run stage 1 on its own and pass init_from=<its last.ckpt> "
+                         f"with bridge.stage1_steps=0")
 
 
 def validate_sources(sources, train_shards) -> None:

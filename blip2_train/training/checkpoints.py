@@ -100,6 +100,9 @@ def load_init(module: nn.Module, path: str | Path) -> dict:
                              f"and this model's encoder.pretrained is null, so its encoder would stay random: "
                              f"add encoder.pretrained={part['source']}")
         skip.setdefault(part["prefix"], f"left out by the source (its {name} is rebuilt from {part['source']})")
+    hint = _bridge_hint(module, state)
+    if hint:  # a random encoder may still match; the bridge, the part that trains, would not
+        raise ValueError(f"init_from={path}: none of this model's bridge weights are in it.{hint}")
     report = load_matching(module, state, skip=skip)
     text = format_report(report, str(path))
     if omitted:
@@ -110,6 +113,25 @@ def load_init(module: nn.Module, path: str | Path) -> dict:
         raise ValueError(f"init_from={path}: no parameter name matched this model; is it a blip2_train "
                          f"checkpoint of a model with the same sizes?")
     return report
+
+
+def _bridge_hint(module: nn.Module, state: dict) -> str:
+    """When a source and this model hold different bridges (the usual reason nothing matched in stage 2)."""
+    cfg = getattr(module, "cfg", None)
+    mine = getattr(module, "bridge_name", None)
+    if cfg is None or mine is None:
+        return ""
+    if any(k.startswith("bridge.linear_") for k in state):
+        theirs, names = ("mlp", "pool_mlp"), "an MLP bridge (bridge.linear_*)"
+    elif any(k.startswith(("model.", "language_projection.")) for k in state):
+        theirs, names = ("qformer",), "a Q-Former (model.*, language_projection.*)"
+    else:
+        return ""
+    if mine in theirs:
+        return ""
+    theirs = " or ".join(f"bridge={name}" for name in theirs)
+    return (f" The source holds {names}: it was trained with {theirs}, and this model's is bridge={mine}: "
+            f"init_from loads a bridge into the same bridge (or start this one from scratch)")
 
 
 def _encoder_frozen(module) -> bool:

@@ -135,9 +135,78 @@ def write_metrics(run_dir: Path, metrics: dict, global_step: int, extra: dict) -
     return flat
 
 
+def stage1_init_config(cfg: DictConfig) -> DictConfig:
+    """The stage 1 behind ``bridge.stage1_steps``: this run's encoder, Q-Former (its query count), data and
+    optimizer schedule, with stage 1's losses (conf/stage/1.yaml), no LLM, ``bridge.stage1_lr`` and
+    ``bridge.stage1_seed``, one device, validated at its end only (k_test 4). ``run_dir`` is left for the caller."""
+    from blip2_train.config import CONF_DIR, Blip2Config
+
+    stored = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("llm", "generation", "vqa", "run_dir", "init_from", "experiment_name", "requires_init_from"):
+        stored.pop(key, None)  # the schema's defaults: llm=none, no init_from
+    stored["stage"] = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "stage" / "1.yaml").stage)
+    bridge = stored["bridge"]
+    stored["optim"].update(lr=bridge["stage1_lr"])
+    stored["seed"] = bridge["stage1_seed"]
+    stored["bridge"] = {**bridge, "stage1_steps": 0}
+    stored["trainer"].update(max_steps=bridge["stage1_steps"], val_check_interval=None, strategy="auto", devices=1,
+                             num_nodes=1, enable_progress_bar=False)
+    stored["checkpoint"] = {"every_n_steps": None, "save_last": True}
+    # its one validation is a by-product, not the point: ITM re-ranks 4 candidates per image and text, not
+    # retrieval.k_test (128 re-ranked every pair of 64 validation scenes: minutes of CPU for a tiny stage 1)
+    stored["retrieval"] = {**stored.get("retrieval", {}), "k_test": 4}
+    stage1 = OmegaConf.merge(OmegaConf.structured(Blip2Config), stored)
+    stage1.experiment_name = f"{cfg.experiment_name}_stage1_init"
+    stage1.run_dir = "unset"  # not the schema's ${now:...}: the config must hash the same at every call
+    return stage1
+
+
+def stage1_init_dir(cfg: DictConfig) -> Path:
+    """Where :func:`ensure_stage1_init` keeps the stage 1 of ``cfg``: ``cache_dir/stage1_init/<hash of its config>``."""
+    import hashlib
+
+    key = hashlib.sha1(OmegaConf.to_yaml(stage1_init_config(cfg), resolve=True).encode()).hexdigest()[:12]
+    return Path(cfg.cache_dir) / "stage1_init" / key
+
+
+def ensure_stage1_init(cfg: DictConfig) -> str:
+    """Train (once) the stage 1 that ``bridge.stage1_steps`` asks for and return its ``last.ckpt``.
+
+    Cached under ``cache_dir/stage1_init/<key>``, the key a hash of that stage 1's whole config, as the tiny
+    LLM's pretraining is (models/llm.py): every run of a sweep that needs the same stage 1 (other lrs and
+    seeds of stage 2) loads the same checkpoint; a run with another query count or encoder trains its own.
+    Written to a temporary directory and renamed into place, so an interrupted one is never loaded."""
+    import shutil
+
+    stage1 = stage1_init_config(cfg)
+    target = stage1_init_dir(cfg)
+    key = target.name
+    ckpt = target / "checkpoints" / "last.ckpt"
+    if ckpt.exists():
+        log.info("bridge.stage1_steps=%d: stage 1 cached at %s", cfg.bridge.stage1_steps, target)
+        return str(ckpt)
+    tmp = target.with_name(f"{key}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    stage1.run_dir = str(tmp)
+    log.info("bridge.stage1_steps=%d: training stage 1 first (%s)", cfg.bridge.stage1_steps, target)
+    saved_env = os.environ.get("BLIP2_RUN_DIR")
+    try:
+        train(stage1)
+    finally:
+        if saved_env is not None:
+            os.environ["BLIP2_RUN_DIR"] = saved_env
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process finished the same stage 1 first: use its
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(ckpt)
+
+
 def train(cfg: DictConfig) -> dict:
     """Run one training job described by ``cfg``; returns the final metrics (also in metrics.json)."""
     validate(cfg)
+    if OmegaConf.select(cfg, "bridge.stage1_steps", default=0):  # before this run's seed is set
+        cfg.init_from = ensure_stage1_init(cfg)
     apply_slurm_topology(cfg)  # a submitit SLURM job: devices / num_nodes from the allocation
     # Lightning's DDP launcher re-runs this script for ranks > 0: they must share rank 0's run_dir
     # (a ${now:...} default would otherwise give one directory per process).
@@ -162,6 +231,7 @@ def train(cfg: DictConfig) -> dict:
     if resume is not None:
         resumed_from = checkpoint_step(resume)
         log.info("resuming from %s (step %d)", resume, resumed_from)
+    log.info("torch intra-op threads: %d", torch.get_num_threads())
     tracker = ValidationTracker()
     throughput = Throughput(cfg.trainer.log_every_n_steps)
     trainer = build_trainer(cfg, run_dir, tracker, resumed_from, throughput)

@@ -21,12 +21,26 @@ import yaml
 COLUMNS = (
     ("trainable params", "bridge/trainable_params", "{:,.0f}"),
     ("samples/s", "train/samples_per_s_mean", "{:.1f}"),
+    ("LLM tokens/s", "train/llm_tokens_per_s_mean", "{:,.0f}"),
     ("val loss", "val/loss", "{:.3f}"),
     ("CIDEr", "cider", "{:.3f}"),
     ("attribute acc", "val/attr_acc", "{:.3f}"),
     ("count acc", "val/count_acc", "{:.3f}"),
     ("hallucination", "val/hallucination", "{:.3f}"),
 )
+
+
+def arm_name(cfg: dict) -> str:
+    """The bridge as the table names it; the Q-Former's start is part of its arm (stage 1 trains it more):
+    ``qformer (stage 1)`` (bridge=qformer_stage1), ``qformer (init_from)`` (another checkpoint given),
+    ``qformer (scratch)``."""
+    bridge = cfg.get("bridge") or {}
+    name = bridge.get("name", "qformer")
+    if name != "qformer":
+        return name
+    if bridge.get("stage1_steps"):
+        return "qformer (stage 1)"
+    return "qformer (init_from)" if cfg.get("init_from") else "qformer (scratch)"
 
 
 def read_run(run_dir: Path) -> dict | None:
@@ -43,7 +57,7 @@ def read_run(run_dir: Path) -> dict | None:
                 if row.get("val/loss"):
                     curve[int(row["step"])] = float(row["val/loss"])
     tokens = metrics.get("bridge/visual_tokens")
-    return {"dir": run_dir.name, "bridge": cfg.get("bridge", {}).get("name", "qformer"),
+    return {"dir": run_dir.name, "bridge": arm_name(cfg),
             "tokens": int(tokens) if tokens is not None else None, "lr": float(cfg["optim"]["lr"]),
             "seed": int(cfg["seed"]), "metrics": metrics, "curve": sorted(curve.items())}
 
@@ -124,7 +138,7 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
     ax.legend(fontsize=7)
     written.append(_save(fig, out_dir / "val_loss_vs_step.png"))
 
-    qualities = [(key, title) for title, key, _ in COLUMNS[3:] if any(r[key] for r in rows)]
+    qualities = [(key, title) for title, key, _ in COLUMNS[4:] if any(r[key] for r in rows)]
     for x_key, x_label, name in (("tokens", "visual tokens per image", "quality_vs_tokens.png"),
                                  ("train/samples_per_s_mean", "training samples/s", "quality_vs_samples_per_s.png")):
         fig, axes = plt.subplots(1, len(qualities), figsize=(3.2 * len(qualities), 3.2), squeeze=False)

@@ -32,6 +32,7 @@ def _module(cache, stage):
     overrides = [f"cache_dir={cache}", "qformer.num_hidden_layers=2", "qformer.hidden_dropout_prob=0",
                  "qformer.attention_probs_dropout_prob=0"] + (STAGE2 if stage == "2" else [])
     overrides += ENCODER_TRAINS if variant == "encoder" else []
+    overrides += [f"bridge={variant}"] if variant in ("mlp", "pool_mlp") else []  # "2+mlp": stage 2, an MLP bridge
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=normalize_overrides(overrides))
     torch.manual_seed(0)
@@ -99,7 +100,8 @@ def _grad_worker(rank, world, port, cache, stage, out):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("stage", ["1", "2", "1+encoder"])
+# the MLP bridges are one trainable unit (blip2_train/fsdp.py); mlp is pool_mlp's class at the full grid
+@pytest.mark.parametrize("stage", ["1", "2", "1+encoder", "2+pool_mlp", pytest.param("2+mlp", marks=pytest.mark.slow)])
 def test_fsdp_loss_and_gradients_equal_ddp(cache, stage, free_port):
     _module(cache, stage)  # writes the tiny tokenizers once, before two processes race for them
     out = mp.get_context("spawn").Manager().dict()
@@ -110,8 +112,10 @@ def test_fsdp_loss_and_gradients_equal_ddp(cache, stage, free_port):
         assert result["sharded"]
         for name, (ddp, fsdp) in result["losses"].items():
             assert fsdp == pytest.approx(ddp, abs=1e-5), name
-        assert len(result["grads"]) > {"1": 40, "2": 25, "1+encoder": 90}[stage]  # every trainable tensor compared
+        assert len(result["grads"]) > {"1": 40, "2": 25, "1+encoder": 90, "2+pool_mlp": 3, "2+mlp": 3}[stage]
         assert any(name.startswith("encoder.") for name in result["grads"]) == (stage == "1+encoder")
+        if "mlp" in stage:  # the bridge's Linear, GELU, Linear and nothing else trains
+            assert sorted(result["grads"]) == [f"bridge.linear_{i}.{w}" for i in (1, 2) for w in ("bias", "weight")]
         worst = max(diff for diff, _ in result["grads"].values())
         print(f"rank {rank}: loss {result['losses']['loss']}, max |grad diff| {worst:.2e}")
         for name, (diff, scale) in result["grads"].items():
@@ -137,12 +141,14 @@ def _run(tmp_path, cache, run, *extra):
 # 4 two-process runs: about a minute each on 2 free cores (in the default suite: the issue asks for them)
 # stage 2 failed once inside a full-suite run and passed alone and in the run before it: kept out of the
 # default suite until that is understood (test_hub_layout's FSDP test covers stage 2's sharded save/resume)
-@pytest.mark.parametrize("stage", ["1", pytest.param("2", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("stage", ["1", pytest.param("2", marks=pytest.mark.slow),
+                                   pytest.param("2+pool_mlp", marks=pytest.mark.slow)])
 def test_fsdp_run_saves_shards_resumes_consolidates_and_evaluates(tmp_path, cache, stage):
     from blip2_train.consolidate import consolidate
     from blip2_train.evaluate import evaluate
 
-    extra = STAGE2 if stage == "2" else ["encoder=tiny_eva"]
+    stage, _, bridge = stage.partition("+")
+    extra = STAGE2 + ([f"bridge={bridge}"] if bridge else []) if stage == "2" else ["encoder=tiny_eva"]
     run = tmp_path / "run"
     first = _run(tmp_path, cache, run, "trainer.max_steps=2", *extra)
     last = run / "checkpoints" / "last.ckpt"
@@ -160,6 +166,9 @@ def test_fsdp_run_saves_shards_resumes_consolidates_and_evaluates(tmp_path, cach
     one = tmp_path / "one.ckpt"
     checkpoint = consolidate(last, one)
     assert checkpoint["global_step"] == 4 and "optimizer_states" not in checkpoint
+    if bridge:  # the MLP bridge's unit is in the shards, whole in the consolidated file; no Q-Former
+        weights = checkpoint["state_dict"]
+        assert weights["bridge.linear_1.weight"].shape == (64, 64) and not any(k.startswith("model.") for k in weights)
     result = evaluate(str(one), ["trainer.enable_progress_bar=false"])
     names = ["val/loss", "cider"] if stage == "2" else ["itc/txt_r1", "itm/img_r5", "itc/img_r_mean"]
     for name in names:  # the consolidated weights are the ones the run validated with

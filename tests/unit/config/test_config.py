@@ -228,9 +228,14 @@ def test_bridge_ablation_sweeps_bridge_tokens_lr_and_seed_and_each_job_validates
         for tokens in params["bridge.num_tokens"].split(","):
             job = make("experiment=bridge_ablation", f"bridge={bridge}", f"bridge.num_tokens={tokens}")
             validate(job)
-            assert job.bridge.name == bridge and job.bridge.num_tokens == int(tokens)
-            if bridge == "qformer":
+            assert job.bridge.name == bridge.removesuffix("_stage1") and job.bridge.num_tokens == int(tokens)
+            # the Q-Former arms: from scratch, and from a stage 1 of as many steps as stage 2 (bridge=qformer_stage1)
+            assert job.bridge.stage1_steps == (job.trainer.max_steps if bridge == "qformer_stage1" else 0)
+            if bridge.startswith("qformer"):
                 assert job.qformer.num_query_tokens == int(tokens)
+    assert set(params["bridge"].split(",")) == {"qformer", "qformer_stage1", "pool_mlp"}
+    assert len(params["optim.lr"].split(",")) >= 2 and len(params["seed"].split(",")) >= 2
+    assert hydra_cfg.job.env_set.OMP_NUM_THREADS == "1"
 
 
 def test_a_query_count_alone_sets_the_qformer_bridges_visual_tokens():

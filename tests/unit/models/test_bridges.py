@@ -2,6 +2,7 @@
 with each bridge and each LLM kind."""
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,6 +146,9 @@ def test_mlp_bridge_run_evaluates(bridge, llm, data, tmp_path, cache):
     assert metrics["bridge/trainable_params"] == sum(
         p.numel() for p in build_mlp_bridge(bridge, 64, 64, 65, None if bridge == "mlp" else 16).parameters())
     assert metrics["train/samples_per_s_mean"] > 0
+    # LLM tokens per sample: the bridge's visual tokens plus the caption's (at most llm.max_text_len: 48, 32)
+    per_sample = metrics["train/llm_tokens_per_s_mean"] / metrics["train/samples_per_s_mean"]
+    assert module_tokens + 5 < per_sample <= module_tokens + 48
     scene_keys = {"val/attr_acc", "val/attr_acc/color", "val/count_acc", "val/hallucination"}
     assert scene_keys <= set(metrics) if data == "synthetic_scenes" else not scene_keys & set(metrics)
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -153,3 +157,74 @@ def test_mlp_bridge_run_evaluates(bridge, llm, data, tmp_path, cache):
     result = evaluate(str(ckpt), ["generation.num_beams=1"])
     assert result["metrics"]["val/loss"] == pytest.approx(metrics["val/loss"], rel=1e-5)
     assert len(result["predictions"]) == 4
+    # generate (the CLI's function) captions an image file with the checkpoint's bridge: the module's own caption
+    from PIL import Image
+
+    from blip2_train.data.transforms import eval_transform
+    from blip2_train.generate import generate
+    from blip2_train.training.checkpoints import load_init
+    from blip2_train.training.modules import module_from_checkpoint
+    from blip2_train.training.stage2 import Stage2Module
+
+    Image.fromarray((torch.rand(64, 64, 3) * 255).to(torch.uint8).numpy()).save(tmp_path / "img.png")
+    module, _ = module_from_checkpoint(ckpt)
+    pixels = eval_transform(64)(Image.open(tmp_path / "img.png").convert("RGB"))[None]
+    assert generate(str(ckpt), str(tmp_path / "img.png")) == module.generate(pixels)[0]
+    # init_from a run of the same bridge: every bridge weight is the checkpoint's
+    fresh = Stage2Module(cfg_for(llm, cache, *overrides[:2]))
+    report = load_init(fresh, ckpt)
+    assert sorted(k for k in report["matched"] if k.startswith("bridge.")) == sorted(
+        k for k in state if k.startswith("bridge."))
+    assert all(torch.equal(fresh.state_dict()[k], state[k]) for k in state if k.startswith("bridge."))
+    # init_from a run of another bridge matches nothing of this one: the error names both bridges
+    qformer = Stage2Module(cfg_for(llm, cache, *overrides[1:2]))
+    with pytest.raises(ValueError, match="trained with bridge=mlp or bridge=pool_mlp, and this model.s is bridge=qformer"):
+        load_init(qformer, ckpt)
+
+
+def test_qformer_stage1_arm_trains_stage1_once_and_starts_stage2_from_it(tmp_path, cache):
+    """bridge=qformer_stage1: a stage 1 is trained first (cached by its config) and loaded as init_from; a
+    second run of the arm (another lr and seed) reuses it; another query count trains its own."""
+    import yaml
+
+    from blip2_train.training.fit import stage1_init_dir, train
+
+    def run(name, *extra):
+        overrides = ["bridge=qformer_stage1", "bridge.stage1_steps=2", "data=synthetic_scenes", "trainer=cpu",
+                     f"run_dir={tmp_path / name}", "trainer.max_steps=0", "trainer.enable_progress_bar=false",
+                     "logger=none", "data.batch_size=4", "data.num_workers=0", "data.synthetic.num_train=8",
+                     "data.synthetic.num_val=4", "data.synthetic.samples_per_shard=8", "data.samples_per_epoch=8",
+                     "generation.num_beams=0", "retrieval.k_test=4", *extra]
+        train(cfg_for("tiny_opt", cache, *overrides))
+        return yaml.safe_load((tmp_path / name / "config.yaml").read_text())
+
+    first = run("a", "bridge.num_tokens=4", "optim.lr=1e-3", "seed=0")
+    init = first["init_from"]
+    stage1_dir = Path(init).parent.parent
+    assert stage1_dir.parent == cache / "stage1_init" and stage1_dir.name.isalnum()
+    stage1 = yaml.safe_load((stage1_dir / "config.yaml").read_text())
+    assert stage1["stage"]["name"] == 1 and stage1["llm"]["name"] == "none" and stage1["trainer"]["max_steps"] == 2
+    assert stage1["qformer"]["num_query_tokens"] == 4 and stage1["seed"] == 0 and stage1["bridge"]["stage1_steps"] == 0
+    # max_steps=0 writes the stage-2 model as initialised: its Q-Former is stage 1's, tensor for tensor
+    s1 = torch.load(init, map_location="cpu", weights_only=True)["state_dict"]
+    s2 = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    shared = [k for k in s2 if k.startswith("model.")]
+    assert len(shared) > 10 and all(torch.equal(s1[k], s2[k]) for k in shared)
+    assert "model.query_tokens" in shared and "language_projection.weight" not in s1
+    written = (stage1_dir / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    second = run("b", "bridge.num_tokens=4", "optim.lr=3e-3", "seed=1")
+    assert second["init_from"] == init and (stage1_dir / "checkpoints" / "last.ckpt").stat().st_mtime_ns == written
+    assert [p.name for p in (cache / "stage1_init").iterdir()] == [stage1_dir.name]
+    # another query count (or encoder, data, stage-1 length) is another stage 1
+    other = cfg_for("tiny_opt", cache, "bridge=qformer_stage1", "bridge.stage1_steps=2", "data=synthetic_scenes",
+                    "trainer=cpu", "bridge.num_tokens=9")
+    assert stage1_init_dir(other).parent == stage1_dir.parent and stage1_init_dir(other) != stage1_dir
+
+
+def test_stage1_steps_is_refused_where_it_cannot_apply(cache):
+    with pytest.raises(ValueError, match="needs stage=2 and bridge=qformer"):
+        validate(cfg_for("tiny_opt", cache, "bridge=pool_mlp", "bridge.stage1_steps=5"))
+    with pytest.raises(ValueError, match="drop one of them"):
+        validate(cfg_for("tiny_opt", cache, "bridge=qformer_stage1", "init_from=/tmp/x.ckpt"))
+    with pytest.raises(ValueError, match="run stage 1 on its own"):
+        validate(cfg_for("tiny_opt", cache, "bridge=qformer_stage1", "trainer=fsdp"))
