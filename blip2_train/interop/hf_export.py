@@ -93,7 +93,7 @@ def export_module(module, output_dir: str | Path, vision: bool = True) -> Path:
         # and a plain model.generate(**inputs) uses it: captions end at our end token ("\n" for OPT, as in
         # the Salesforce/blip2-opt snapshots) and have the run's lengths. Beams, length_penalty and
         # suppress_tokens cannot go this way (transformers pops them from model configs): they reach
-        # generate through generation_config=model.generation_config only (docs/real_checkpoints.md).
+        # generate through generation_config=model.generation_config only (docs/checkpoints.md).
         text_config["eos_token_id"] = int(module.end_token_id)
         text_config["max_new_tokens"] = int(cfg.generation.max_new_tokens)
         text_config["min_new_tokens"] = int(cfg.generation.min_new_tokens)
