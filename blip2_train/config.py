@@ -426,7 +426,9 @@ def validate_task(cfg) -> None:
         raise ValueError(f"vqa.prompt={prompt!r} has no {{}} for the question, e.g. "
                          f"'Question: {{}} Short answer:'")
     if cfg.data.get("feature_cache"):
-        raise ValueError("data.feature_cache serves caption samples only; unset it for stage.task=vqa")
+        raise ValueError(f"data.feature_cache={cfg.data.feature_cache} serves caption samples only: its lookup "
+                         "reads {key}.txt captions, not the {key}.json question and answers VQA trains on; unset "
+                         "data.feature_cache for stage.task=vqa (the frozen encoder then runs on the images)")
 
 
 def bridge_names() -> list[str]:
