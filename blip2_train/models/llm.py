@@ -189,7 +189,7 @@ def pretrain_tiny_llm(model: nn.Module, tokenizer, kind: str, steps: int, cache_
     else:
         raise ValueError(f"llm.tiny.corpus={corpus!r} is not valid; choose one of: shapes, scenes")
 
-    qa_key = f"-qa2:{qa_prompt}" if qa_prompt else ""  # absent: the caption-only cache keys stay as they were
+    qa_key = f"-qa3:{qa_prompt}" if qa_prompt else ""  # absent: the caption-only cache keys stay as they were
     version = "v1" if corpus == "shapes" else f"{corpus}-v1"  # shapes keeps the key earlier runs cached
     key = hashlib.sha1(f"{kind}-{model.config.to_json_string()}-{steps}-{seed}-{version}{qa_key}".encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"tiny-{kind}-lm-{key}.pt"
@@ -236,7 +236,10 @@ def qa_reading_texts(rng, count: int) -> list[tuple[str, str, str]]:
     The description names what the image would show ("three red circles at the top on a green
     background"), repeated 1-3 times so that it spans about as many positions as the visual prompts it
     stands in for (the LLM's learned positions after them get trained); the answer is in the
-    synthetic-QA answer vocabulary (digits for counts, as the VQA normalisation writes them).
+    synthetic-QA answer vocabulary (digits for counts, as the VQA normalisation writes them). Half of the
+    samples carry the answer alone, repeated 4-24 times, as their description: plain copying from before BOS,
+    which the frozen LLM must do with the visual prompts (with scene descriptions only, 300 steps left it
+    reading its prefix barely above the answer priors: docs/vqa.md, fourth pass).
     """
     from blip2_train.data.synthetic import COLORS, POSITIONS, SHAPES
     from blip2_train.data.synthetic_qa import COUNTS, NUMBER_WORDS, QUESTIONS
@@ -251,7 +254,11 @@ def qa_reading_texts(rng, count: int) -> list[tuple[str, str, str]]:
         kind = rng.choice(list(QUESTIONS))
         answer = {"color": color, "background": background, "shape": shape, "where": position,
                   "count": str(number)}[kind]
-        out.append((" ".join([description] * rng.randint(1, 3)), QUESTIONS[kind], answer))
+        if rng.random() < 0.5:  # the whole scene: the question picks what to read from it
+            description = " ".join([description] * rng.randint(1, 3))
+        else:  # the answer alone, over as many positions as the visual prompts: plain copying from the prefix
+            description = " ".join([answer] * rng.randint(4, 24))
+        out.append((description, QUESTIONS[kind], answer))
     return out
 
 
