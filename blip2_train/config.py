@@ -432,7 +432,9 @@ def validate_task(cfg) -> None:
         raise ValueError(f"vqa.prompt={prompt!r} has no {{}} for the question, e.g. "
                          f"'Question: {{}} Short answer:'")
     if cfg.data.get("feature_cache"):
-        raise ValueError("data.feature_cache serves caption samples only; unset it for stage.task=vqa")
+        raise ValueError(f"data.feature_cache={cfg.data.feature_cache} serves caption samples only: its lookup "
+                         "reads {key}.txt captions, not the {key}.json question and answers VQA trains on; unset "
+                         "data.feature_cache for stage.task=vqa (the frozen encoder then runs on the images)")
 
 
 def bridge_names() -> list[str]:
@@ -553,3 +555,9 @@ def config_with_overrides(stored: dict, overrides: list[str] = (), command_keys:
             raise OverrideError(f"{arg}: {str(err).splitlines()[0]}") from err
     validate(cfg)
     return cfg
+
+
+def question_to_qformer(cfg) -> bool:
+    """stage.task=vqa with vqa.qformer_text_input: the Q-Former reads the question beside its queries."""
+    vqa = cfg.get("vqa") or {}
+    return cfg.stage.get("task", "caption") == "vqa" and bool(vqa.get("qformer_text_input", True))

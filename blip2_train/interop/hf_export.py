@@ -1,7 +1,10 @@
 """A checkpoint of ours -> a transformers BLIP-2 directory (model, processor, generation config).
 
-Stage 1 -> ``Blip2ForImageTextRetrieval``; stage 2 -> ``Blip2ForConditionalGeneration``. Both with
-a ``Blip2Processor`` (eval image size, CLIP mean/std, the run's tokenizer). The temperature and the
+Stage 1 -> ``Blip2ForImageTextRetrieval``; stage 2 -> ``Blip2ForConditionalGeneration``; a VQA model
+whose Q-Former reads the question (``vqa.qformer_text_input=true``) -> ``InstructBlipForConditionalGeneration``
+(its Q-Former embeds the question with word + absolute position embeddings after the queries and one
+LayerNorm over both, as ours; ``qformer_input_ids`` must hold the bare question, the LLM ``text`` the
+``vqa.prompt``-formatted one, docs/vqa.md). Each with a ``Blip2Processor`` (``InstructBlipProcessor``) (eval image size, CLIP mean/std, the run's tokenizer). The temperature and the
 Q-Former LM head have no transformers home: they go to ``EXTRAS_FILE`` beside the model, which
 ``init_from=DIR`` reads back.
 """
@@ -46,6 +49,16 @@ def vision_config_and_state(encoder, ln_vision, vision: bool) -> tuple[dict, dic
     return config, {**hf, **post_ln}
 
 
+def instruct_name(key: str) -> str:
+    """Our Blip2-named export key -> InstructBlipForConditionalGeneration's: the text embeddings move under
+    ``qformer.embeddings``, and the Q-Former's input LayerNorm (over [queries; text]) with them."""
+    if key.startswith("qformer.layernorm."):
+        return "qformer.embeddings.layernorm." + key.rsplit(".", 1)[1]
+    if key.startswith("embeddings."):
+        return "qformer." + key
+    return key
+
+
 def export_module(module, output_dir: str | Path, vision: bool = True) -> Path:
     """Write ``module`` (a Stage1Module or Stage2Module) as a transformers BLIP-2 directory."""
     from transformers import (
@@ -82,6 +95,19 @@ def export_module(module, output_dir: str | Path, vision: bool = True) -> Path:
         tokenizer = _copy_tokenizer(module.tokenizer, output_dir)
         processor = Blip2Processor(image_processor(cfg), tokenizer, num_query_tokens=None)
     else:
+        from blip2_train.config import question_to_qformer
+
+        vqa = cfg.stage.get("task", "caption") == "vqa"
+        instruct = question_to_qformer(cfg)
+        if instruct and not module.decoder_only:
+            raise ValueError(
+                "this VQA model's Q-Former reads the question (vqa.qformer_text_input=true) and its LLM is an "
+                "encoder-decoder (FlanT5): transformers' InstructBlipForConditionalGeneration would fit, but our "
+                "FlanT5 prompt layout (visual prompts + question in the encoder) is not checked against it: only "
+                "decoder-only LLMs export with parity (a model fine-tuned with vqa.qformer_text_input=false "
+                "exports to Blip2ForConditionalGeneration)")
+        # the run's answer settings for a VQA model (vqa.*), its caption settings otherwise (generation.*)
+        gen = cfg.vqa if vqa else cfg.generation
         tokenizer = _copy_tokenizer(module.llm_tokenizer, output_dir)
         processor = Blip2Processor(image_processor(cfg), tokenizer, num_query_tokens=qformer.num_query_tokens)
         image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -95,13 +121,29 @@ def export_module(module, output_dir: str | Path, vision: bool = True) -> Path:
         # suppress_tokens cannot go this way (transformers pops them from model configs): they reach
         # generate through generation_config=model.generation_config only (docs/checkpoints.md).
         text_config["eos_token_id"] = int(module.end_token_id)
-        text_config["max_new_tokens"] = int(cfg.generation.max_new_tokens)
-        text_config["min_new_tokens"] = int(cfg.generation.min_new_tokens)
-        config = Blip2Config(vision_config=vision_config, qformer_config=qformer_config, text_config=text_config,
-                             num_query_tokens=qformer.num_query_tokens, image_token_index=image_token_id,
-                             use_decoder_only_language_model=module.decoder_only)
-        config.qformer_config.use_qformer_text_input = False
-        hf = Blip2ForConditionalGeneration(config)
+        text_config["max_new_tokens"] = int(gen.max_new_tokens)
+        text_config["min_new_tokens"] = int(gen.min_new_tokens)
+        if instruct:  # the Q-Former reads the question: InstructBLIP's layout (its embeddings hold the LayerNorm)
+            from transformers import (
+                InstructBlipConfig,
+                InstructBlipForConditionalGeneration,
+                InstructBlipProcessor,
+            )
+
+            qformer_config.pop("use_qformer_text_input", None)
+            config = InstructBlipConfig(vision_config=vision_config, qformer_config=qformer_config,
+                                        text_config=text_config, num_query_tokens=qformer.num_query_tokens,
+                                        image_token_index=image_token_id)
+            hf = InstructBlipForConditionalGeneration(config)
+            state = {instruct_name(k): v for k, v in state.items()}
+            processor = InstructBlipProcessor(image_processor(cfg), tokenizer, _copy_tokenizer(module.tokenizer, output_dir),
+                                              num_query_tokens=qformer.num_query_tokens)
+        else:
+            config = Blip2Config(vision_config=vision_config, qformer_config=qformer_config, text_config=text_config,
+                                 num_query_tokens=qformer.num_query_tokens, image_token_index=image_token_id,
+                                 use_decoder_only_language_model=module.decoder_only)
+            config.qformer_config.use_qformer_text_input = False
+            hf = Blip2ForConditionalGeneration(config)
         if llm.get_output_embeddings().weight is not llm.get_input_embeddings().weight:
             untie_lm_head(hf)
         llm_state = {k: v.detach().float().cpu() for k, v in llm.state_dict().items()}
@@ -115,10 +157,10 @@ def export_module(module, output_dir: str | Path, vision: bool = True) -> Path:
                 target[key].copy_(value)
         state.update({"language_projection." + k: v.detach().float().cpu()
                       for k, v in module.language_projection.state_dict().items()})
-        gen = cfg.generation
         hf.generation_config.update(
             num_beams=int(gen.num_beams), max_new_tokens=int(gen.max_new_tokens),
-            min_new_tokens=int(gen.min_new_tokens), length_penalty=float(gen.length_penalty), do_sample=False,
+            min_new_tokens=int(gen.min_new_tokens), do_sample=False,
+            length_penalty=float(gen.length_penalty) if int(gen.num_beams) > 1 else 1.0,  # greedy: unused
             eos_token_id=int(module.end_token_id), pad_token_id=int(tokenizer.pad_token_id),
             suppress_tokens=[int(image_token_id)])  # the image token is input only
     hf_state = hf.state_dict()
@@ -131,7 +173,8 @@ def export_module(module, output_dir: str | Path, vision: bool = True) -> Path:
     if extras:
         save_file(extras, str(output_dir / EXTRAS_FILE))
     meta = {"stage": stage, "vision_tower": bool(vision and module.encoder.kind == "eva"),
-            "prompt": str(cfg.generation.prompt) if stage == 2 else None,
+            "prompt": (str(cfg.vqa.prompt) if stage == 2 and cfg.stage.get("task", "caption") == "vqa"
+                       else str(cfg.generation.prompt) if stage == 2 else None),
             "extras": sorted(extras), "config": json.loads(json.dumps(dict_of(cfg)))}
     (output_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return output_dir

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from blip2_train.config import CUDA_GRAPH_MODES
+from blip2_train.config import CUDA_GRAPH_MODES, question_to_qformer
 from blip2_train.interop.state_dict import omitted_parts_of, rebuildable_parts, state_mismatch
 from blip2_train.models.encoders import build_image_encoder
 from blip2_train.models.qformer import QFormer, num_parameters
@@ -18,12 +18,6 @@ from blip2_train.models.tokenization import build_qformer_tokenizer
 from blip2_train.training.optim import build_optimizer
 
 log = logging.getLogger(__name__)
-
-
-def question_to_qformer(cfg) -> bool:
-    """stage.task=vqa with vqa.qformer_text_input: the Q-Former reads the question beside its queries."""
-    vqa = cfg.get("vqa") or {}
-    return cfg.stage.get("task", "caption") == "vqa" and bool(vqa.get("qformer_text_input", True))
 
 
 def as_config(cfg) -> DictConfig:

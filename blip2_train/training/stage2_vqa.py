@@ -20,10 +20,9 @@ from __future__ import annotations
 import torch
 from omegaconf import OmegaConf
 
-from blip2_train.config import VQAConfig
+from blip2_train.config import VQAConfig, question_to_qformer
 from blip2_train.data.vqa import DecodeVQASamples, VQACollate, format_prompt
 from blip2_train.models.qformer import itm_mask
-from blip2_train.training.base import question_to_qformer
 from blip2_train.training.stage2 import Stage2Module
 from blip2_train.training.tracking import NUM_SAMPLES
 

@@ -247,6 +247,32 @@ def test_vqa_collate_masks_the_prompt_and_samples_answers_by_count(cache):
         VQACollate(opt, True, "Question: Short answer:", 64)
 
 
+def test_tiny_llm_qa_pretraining_answers_from_a_description_before_bos(cache):
+    """The tiny LLM's QA pretraining (llm.tiny.pretrain_qa) puts a scene description where the visual
+    prompts will be (before BOS) and targets the answer the description gives, and only it."""
+    from blip2_train.models.llm import tiny_opt_tokenizer
+    from blip2_train.training.tiny_llm import qa_reading_batch
+
+    tok = tiny_opt_tokenizer(cache)
+    batch = qa_reading_batch(tok, True, "Question: {} Short answer:", 40, random.Random(0))
+    kinds = Counter()
+    for ids, mask, labels in zip(batch["llm_input_ids"], batch["llm_attention_mask"], batch["llm_labels"]):
+        ids = ids[mask == 1]
+        bos = int((ids == tok.bos_token_id).nonzero()[0])
+        description, rest = tok.decode(ids[:bos]), tok.decode(ids[bos + 1:])
+        answer = tok.decode(labels[labels != -100])
+        assert bos > 0 and rest.startswith("Question: ") and rest.endswith(answer) and answer.endswith("\n")
+        words = description.split()
+        answer = answer.strip()
+        if rest.startswith("Question: how many"):
+            kinds["count"] += 1
+            assert normalize_answer(words[0]) == answer  # "three red circles ..." -> "3"
+        else:
+            kinds["other"] += 1
+            assert answer in words or answer + "s" in words or answer + "es" in words
+    assert kinds["count"] and kinds["other"]
+
+
 # --------------------------------------------------------------------------------------- model
 def vqa_cfg(cache, *extra):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -268,6 +294,8 @@ def test_task_and_data_are_validated_with_the_valid_values_named(cache):
         validate(vqa_cfg(cache, "stage.task=caption"))
     with pytest.raises(ValueError, match="has no {} for the question"):
         validate(vqa_cfg(cache, "vqa.prompt=Answer:"))
+    with pytest.raises(ValueError, match=r"data.feature_cache=/f serves caption samples only.*unset data.feature_cache"):
+        validate(vqa_cfg(cache, "data.feature_cache=/f"))
     validate(vqa_cfg(cache))
 
 
@@ -408,3 +436,61 @@ def test_tiny_vqa_fine_tuning_beats_the_majority_answer_baselines(tmp_path):
                                  train_groups=[r["question_type"] for r in train_records])
     print(f"vqa accuracy {metrics['val/vqa_accuracy']:.3f}, majority {overall:.3f}, per-type majority {per_type:.3f}")
     assert metrics["val/vqa_accuracy"] >= per_type + 0.25 and per_type > overall
+
+
+# ------------------------------------------------------------------------------------- export
+def test_question_aware_vqa_model_exports_to_instructblip_with_our_greedy_answers(tmp_path, cache):
+    """A VQA model whose Q-Former reads the question exports to transformers'
+    InstructBlipForConditionalGeneration: the question as qformer_input_ids, the vqa.prompt-formatted
+    question as the LLM text, and greedy generation answers as ours does, logits equal."""
+    from transformers import InstructBlipForConditionalGeneration, InstructBlipProcessor
+
+    from blip2_train.data.vqa import format_prompt
+    from blip2_train.interop.hf_export import export_module
+    from blip2_train.training.modules import build_module
+
+    torch.manual_seed(0)
+    module = build_module(vqa_cfg(cache, "vqa.num_beams=1", "vqa.max_new_tokens=4")).eval()
+    for p in module.parameters():  # a random Q-Former and projection: make the visual prompts matter
+        if p.requires_grad:
+            p.data.add_(torch.randn_like(p) * 0.05)
+    export_module(module, tmp_path / "hf")
+    hf = InstructBlipForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    processor = InstructBlipProcessor.from_pretrained(tmp_path / "hf")
+    hf.vision_model.post_layernorm.eps = module.model.ln_vision.eps  # the one known export difference
+    images = torch.randn(4, 3, 64, 64)
+    questions = ["what color is the shape?", "how many shapes are there?", "where is the shape?",
+                 "what shape is it?"]
+    with torch.no_grad():
+        ours = module.answer(images, questions)
+        processor.tokenizer.padding_side = "left"
+        inputs = processor(images=[Image.new("RGB", (64, 64))] * 4,
+                           text=[format_prompt(module.cfg.vqa.prompt, q) for q in questions],
+                           padding="longest", return_tensors="pt")
+        q = processor.qformer_tokenizer(questions, padding="longest", return_tensors="pt")  # the bare question
+        inputs.update(pixel_values=images, qformer_input_ids=q["input_ids"], qformer_attention_mask=q["attention_mask"])
+        out = hf.generate(**inputs, generation_config=hf.generation_config)[:, inputs["input_ids"].shape[1]:]
+        theirs = [t.strip() for t in processor.batch_decode(out, skip_special_tokens=True)]
+        ours_prompts = module.question_prompts(images, q["input_ids"], q["attention_mask"])
+        theirs_prompts = hf.get_image_features(images, q["input_ids"], q["attention_mask"]).pooler_output
+    print("answers", ours, theirs)
+    torch.testing.assert_close(theirs_prompts, ours_prompts, rtol=1e-4, atol=1e-5)
+    assert theirs == ours and len(set(ours)) > 1
+
+
+def test_vqa_exports_refuse_what_does_not_fit_and_query_only_goes_to_blip2(tmp_path, cache):
+    from transformers import Blip2ForConditionalGeneration
+
+    from blip2_train.interop.hf_export import export_module
+    from blip2_train.training.modules import build_module
+
+    t5 = build_module(vqa_cfg(cache, "llm=tiny_t5"))
+    with pytest.raises(ValueError, match="only decoder-only LLMs export with parity"):
+        export_module(t5, tmp_path / "t5")
+    query_only = build_module(vqa_cfg(cache, "vqa.qformer_text_input=false", "vqa.max_new_tokens=3"))
+    export_module(query_only, tmp_path / "blip2")
+    hf = Blip2ForConditionalGeneration.from_pretrained(tmp_path / "blip2")
+    assert hf.generation_config.max_new_tokens == 3  # the run's vqa.* answer settings
+    from blip2_train.interop import META_FILE
+
+    assert json.loads((tmp_path / "blip2" / META_FILE).read_text())["prompt"] == "Question: {} Short answer:"
