@@ -37,7 +37,7 @@ def test_the_pre_timeout_signal_on_one_rank_stops_every_rank_at_the_same_step(tm
 
     import torch
 
-    from blip2_train.slurm import requeue_signal
+    from blip2_train.training.cluster import requeue_signal
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
