@@ -112,9 +112,13 @@ class Stage2Module(Blip2Base):
         return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
 
     # ---------------------------------------------------------------------------------- train
+    def _batch_prompts(self, batch: dict) -> torch.Tensor:
+        """The visual prompts of a training batch (VQAModule adds the question)."""
+        return self.visual_prompts(batch.get("image"), batch.get("vision_tokens"))
+
     def training_step(self, batch: dict, batch_idx: int):
         self.count_samples(batch)
-        loss = self.lm_loss(self.visual_prompts(batch.get("image"), batch.get("vision_tokens")), batch)
+        loss = self.lm_loss(self._batch_prompts(batch), batch)
         size = batch["image_id"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)

@@ -88,16 +88,6 @@ class VQAModule(Stage2Module):
         texts = [format_prompt(self.vqa.prompt, q) for q in questions]
         return self.generate_from_visual(visual, texts, gen)
 
-    # ---------------------------------------------------------------------------------- train
-    def training_step(self, batch: dict, batch_idx: int):
-        self.count_samples(batch)
-        loss = self.lm_loss(self._batch_prompts(batch), batch)
-        size = batch["image_id"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
-        self.check_skipped_fraction()
-        return self.finite_or_skip(loss, batch)
-
     # ----------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
         self._val = {"loss": [], "count": [], "answers": {}, "preds": {}, "samples": []}

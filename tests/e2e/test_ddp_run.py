@@ -31,39 +31,21 @@ def test_the_pre_timeout_signal_on_one_rank_stops_every_rank_at_the_same_step(tm
     reduction, saves with rank 1 and calls the requeue. Without the reduction rank 1 saves alone and the
     job hangs (gloo waits 30 minutes)."""
     import contextlib
-    import threading
     import time
     from pathlib import Path
 
     import torch
+    from signal_runs import start_slurm_run
 
     from blip2_train.training.cluster import requeue_signal
 
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    calls = tmp_path / "scontrol_calls.txt"
-    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
-    (bin_dir / "scontrol").chmod(0o755)
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "blip2_train", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-           "trainer.max_steps=1000", "checkpoint.every_n_steps=1000", "trainer.enable_progress_bar=false",
-           f"run_dir={run}", f"cache_dir={tmp_path / 'cache'}", "data.num_workers=0", "data.batch_size=4",
-           "data.synthetic.num_train=32", "data.synthetic.num_val=8", "data.synthetic.samples_per_shard=16",
-           "data.samples_per_epoch=32", "retrieval.k_test=4", "qformer.num_hidden_layers=2",
-           "trainer.val_check_interval=1000"]
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", PYTHONUNBUFFERED="1")
-    env.pop("BLIP2_RUN_DIR", None)
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines, armed = [], threading.Event()
-
-    def read():
-        for line in proc.stdout:
-            lines.append(line)
-            if "SLURM's pre-timeout signal" in line:
-                armed.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
+    proc, lines, armed, reader, calls = start_slurm_run(tmp_path, [
+        "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=1000",
+        "checkpoint.every_n_steps=1000", "trainer.enable_progress_bar=false", f"run_dir={run}",
+        f"cache_dir={tmp_path / 'cache'}", "data.num_workers=0", "data.batch_size=4", "data.synthetic.num_train=32",
+        "data.synthetic.num_val=8", "data.synthetic.samples_per_shard=16", "data.samples_per_epoch=32",
+        "retrieval.k_test=4", "qformer.num_hidden_layers=2", "trainer.val_check_interval=1000"])
     children = []
     try:
         assert armed.wait(240), "".join(lines)[-3000:]

@@ -57,38 +57,19 @@ def test_slurm_pre_timeout_signal_checkpoints_at_that_step_and_requeues(tmp_path
     """SLURM's pre-timeout signal sent to a running ``python -m blip2_train``: last.ckpt is written at
     the step it stopped at, and ``scontrol requeue $SLURM_JOB_ID`` is called (a fake scontrol)."""
     import csv
-    import os
-    import threading
     import time
 
     import torch
+    from signal_runs import start_slurm_run
 
     from blip2_train.training.cluster import requeue_signal
 
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    calls = tmp_path / "scontrol_calls.txt"
-    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
-    (bin_dir / "scontrol").chmod(0o755)
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "blip2_train", f"run_dir={run}", f"cache_dir={tmp_path / 'cache'}",
-           "trainer.max_steps=1000", "checkpoint.every_n_steps=1000", "trainer.log_every_n_steps=1",
-           "trainer.enable_progress_bar=false", "data.batch_size=8", "data.num_workers=0",
-           "data.synthetic.num_train=64", "data.synthetic.num_val=8", "data.synthetic.samples_per_shard=32",
-           "data.samples_per_epoch=64", "qformer.num_hidden_layers=2", "retrieval.k_test=4"]
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", PYTHONUNBUFFERED="1")
-    env.pop("BLIP2_RUN_DIR", None)
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines, armed = [], threading.Event()
-
-    def read():
-        for line in proc.stdout:
-            lines.append(line)
-            if "SLURM's pre-timeout signal" in line:
-                armed.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
+    proc, lines, armed, reader, calls = start_slurm_run(tmp_path, [
+        f"run_dir={run}", f"cache_dir={tmp_path / 'cache'}", "trainer.max_steps=1000", "checkpoint.every_n_steps=1000",
+        "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "data.batch_size=8", "data.num_workers=0",
+        "data.synthetic.num_train=64", "data.synthetic.num_val=8", "data.synthetic.samples_per_shard=32",
+        "data.samples_per_epoch=64", "qformer.num_hidden_layers=2", "retrieval.k_test=4"])
     try:
         assert armed.wait(180), "".join(lines)[-3000:]
         time.sleep(3)  # a few training steps
