@@ -13,21 +13,30 @@ class DecoderOnlyCollate:
 
     labels are -100 on the prompt (BOS included) and on padding; the caption and the "\\n" end
     token are targets. The visual prompts go in front later, with labels -100 too.
+
+    The prompt's tokens are those the joined text starts with: a byte-level BPE tokenises a prompt's
+    trailing space alone ("a photo of " -> ... "Ġof", "Ġ") but merges it into the caption's first word in
+    the joined text ("Ġof", "Ġa"), so the length of the prompt tokenised alone would also mask the
+    caption's first token (LAVIS's blip2_opt does: its prompt length comes from the prompt alone). That
+    token is then never a target, yet generation after "a photo of" must produce it.
     """
 
     def __init__(self, tokenizer, prompt: str, max_len: int):
         self.tokenizer = tokenizer
         self.prompt = prompt
         self.max_len = max_len
-        self.prompt_len = len(tokenizer(prompt)["input_ids"])  # BOS + prompt tokens
+        self.prompt_ids = torch.tensor(tokenizer(prompt)["input_ids"])  # BOS + prompt tokens
 
     def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
         texts = [self.prompt + c + "\n" for c in captions]
         self.tokenizer.padding_side = "right"
         enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_len,
                              return_tensors="pt")
-        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        labels[:, : self.prompt_len] = -100
+        ids = enc["input_ids"]
+        head = ids[:, : len(self.prompt_ids)]  # per row: how many leading tokens are the prompt's
+        prompt_len = (head == self.prompt_ids[: head.shape[1]]).long().cumprod(dim=1).sum(dim=1)
+        masked = torch.arange(ids.shape[1])[None, :] < prompt_len[:, None]
+        labels = ids.masked_fill((enc["attention_mask"] == 0) | masked, -100)
         return {"llm_input_ids": enc["input_ids"], "llm_attention_mask": enc["attention_mask"],
                 "llm_labels": labels}
 

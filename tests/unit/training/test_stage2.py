@@ -96,23 +96,32 @@ def test_stage2_loss_equals_transformers_blip2(llm, cache):
 
 
 def test_decoder_only_labels_token_by_token(cache):
+    """The targets are the caption and its "\\n", from the caption's first token: the prompt "a photo of " tokenised
+    alone ends in a lone "Ġ" that the joined text merges into the caption's first word ("Ġa")."""
     module = build("tiny_opt", cache)
     tok = module.llm_tokenizer
     collate = DecoderOnlyCollate(tok, "a photo of ", 48)
-    batch = collate(["a red circle", "a large blue square at the top"])
+    captions = ["a red circle", "a large blue square at the top"]
+    batch = collate(captions)
     ids, labels, mask = batch["llm_input_ids"], batch["llm_labels"], batch["llm_attention_mask"]
-    prompt_len = len(tok("a photo of ")["input_ids"])
+    prompt_len = len(tok("a photo of")["input_ids"])  # BOS + "a photo of", no trailing space
+    assert len(tok("a photo of ")["input_ids"]) == prompt_len + 1  # the lone trailing-space token
     newline = tok("\n", add_special_tokens=False)["input_ids"][-1]
     assert ids[0, 0] == tok.bos_token_id
-    for row in range(2):
+    for row, caption in enumerate(captions):
         length = int(mask[row].sum())
         for t in range(ids.shape[1]):
             if t < prompt_len or t >= length:
                 assert labels[row, t] == -100  # BOS, prompt, padding
             else:
                 assert labels[row, t] == ids[row, t]  # caption and the "\n" end token
+        assert tok.decode(ids[row, :prompt_len], skip_special_tokens=True) == "a photo of"
+        assert tok.decode(labels[row, labels[row] != -100]) == " " + caption + "\n"
         assert ids[row, length - 1] == newline and labels[row, length - 1] == newline
     assert (ids[0, int(mask[0].sum()):] == tok.pad_token_id).all()  # right padding
+    # without a prompt only BOS is masked
+    plain = DecoderOnlyCollate(tok, "", 48)(captions)
+    assert (plain["llm_labels"][:, 0] == -100).all() and (plain["llm_labels"][:, 1] == plain["llm_input_ids"][:, 1]).all()
 
 
 def test_prefix_split_bounds_and_seed():
