@@ -189,6 +189,60 @@ def test_stage2_export_generates_our_greedy_captions(llm, cache, tmp_path):
     assert back["metrics"] == original["metrics"] and back["predictions"] == original["predictions"]
 
 
+def test_caption_finetuned_model_exports_its_trained_vit(cache, tmp_path):
+    """A stage-2 model whose ViT trained (encoder.freeze=false, as caption fine-tuning): the export from its
+    checkpoint carries the trained ViT, not the pretrained file's, and transformers' Blip2ForConditionalGeneration
+    computes our vision features and LM logits with it (the tolerances of the frozen-encoder export above)."""
+    import open_clip
+    from omegaconf import OmegaConf
+    from PIL import Image
+    from transformers import AutoProcessor, Blip2ForConditionalGeneration
+
+    from blip2_train.export import main
+    from blip2_train.models.encoders import build_image_encoder
+    from blip2_train.training.fit import train
+    from blip2_train.training.modules import module_from_checkpoint
+
+    weights = tmp_path / "tiny_eva.pt"  # the pretrained ViT the run starts from
+    torch.manual_seed(11)
+    torch.save(open_clip.create_model("blip2-tiny-eva").state_dict(), weights)
+    train(make_cfg(tmp_path / "run", cache, "stage=2", "llm=tiny_opt", f"encoder.pretrained={weights}",
+                   "encoder.freeze=false", "optim.warmup_steps=0", "optim.lr=1e-3", "generation.num_beams=1"))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    main([f"ckpt_path={ckpt}", f"output_dir={tmp_path / 'hf'}"])
+    module, cfg = module_from_checkpoint(ckpt)
+    trained = {k[len("encoder.vit."):]: v for k, v in
+               torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"].items()
+               if k.startswith("encoder.vit.")}
+    pretrained = build_image_encoder(OmegaConf.merge(cfg.encoder, {"freeze": True})).vit.state_dict()
+    hf = Blip2ForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    exported = hf.vision_model.state_dict()
+    pairs = [(f"encoder.layers.{i}.{theirs}", f"blocks.{i}.{ours}") for i in range(len(module.encoder.vit.blocks))
+             for theirs, ours in (("self_attn.qkv.weight", "attn.qkv.weight"), ("mlp.fc1.weight", "mlp.fc1.weight"),
+                                  ("layer_norm1.weight", "norm1.weight"))]
+    pairs += [("embeddings.patch_embedding.weight", "patch_embed.proj.weight"),
+              ("embeddings.position_embedding", "pos_embed")]
+    for theirs, ours in pairs:  # the trained ViT, which moved away from the pretrained file
+        assert torch.equal(exported[theirs], trained[ours]), theirs
+        assert not torch.equal(trained[ours], pretrained[ours]), ours
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf")
+    images = torch.cat([b["image"] for b in all_val(module)])[:6]
+    pil = Image.new("RGB", (64, 64), (200, 30, 30))
+    inputs = processor(images=[pil] * len(images), text=[cfg.generation.prompt] * len(images), return_tensors="pt")
+    inputs["pixel_values"] = images  # the project's own eval transform
+    vocab = module.llm.model.get_input_embeddings().num_embeddings
+    with torch.no_grad():
+        hf.vision_model.post_layernorm.eps = module.model.ln_vision.eps  # EVA's 1e-6 vs ln_vision's 1e-5
+        ours_vision = module.model.ln_vision(module.encoder(images))
+        vision_diff = (ours_vision - hf.vision_model(pixel_values=images).last_hidden_state).abs().max().item()
+        visual = module.visual_prompts(images)
+        prompt = inputs["input_ids"][:, hf.config.num_query_tokens:]
+        embeds = torch.cat([visual, module.llm.model.get_input_embeddings()(prompt)], dim=1)
+        logit_diff = (module.llm.model(inputs_embeds=embeds).logits - hf(**inputs).logits[..., :vocab]).abs().max().item()
+    print("trained-ViT export: max abs vision diff", vision_diff, "logit diff", logit_diff)
+    assert vision_diff < 1e-5 and logit_diff < 1e-5
+
+
 def to_lavis(state: dict) -> dict:
     """Our stage-1 state dict written in LAVIS's naming (Blip2Qformer), as its .pth files hold it."""
     out = {}
