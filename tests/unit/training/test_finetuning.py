@@ -332,12 +332,14 @@ def test_recipes_build_at_real_size_on_the_meta_device(recipe):
 # ------------------------------------------------------------- the tiny fine-tuning runs (done-when)
 # The tiny chain on synthetic data: stage 1 -> stage 2 -> caption fine-tuning (experiment=blip2_caption_ft_tiny),
 # stage 1 -> retrieval fine-tuning (experiment=blip2_retrieval_ft_tiny). The starts validate with the
-# recipes' evaluation settings (k_test 16; beam 2, 4 to 16 tokens after "a photo of"), so their metrics are
+# recipes' evaluation settings (k_test 16; beam 2, 4 to 24 tokens, no prompt), so their metrics are
 # the fine-tuning runs' starting points.
 CHAIN = ["trainer=cpu", "trainer.enable_progress_bar=false", "logger=none", "data.num_workers=0",
          "qformer.num_hidden_layers=2", "data.batch_size=16", "data.synthetic.num_train=512",
          "data.synthetic.num_val=50", "data.synthetic.samples_per_shard=256", "data.samples_per_epoch=512"]
 START_STEPS = 60
+CAPTION_EVAL = ["generation.num_beams=2", "generation.max_new_tokens=24", "generation.min_new_tokens=4",
+                "generation.prompt=''"]  # blip2_caption_ft_tiny's generation settings
 
 
 @pytest.fixture(scope="module")
@@ -349,8 +351,7 @@ def tiny_starts(tmp_path_factory):
     common = [f"cache_dir={root / 'cache'}", *CHAIN, f"trainer.max_steps={START_STEPS}"]
     stage1 = train(make(*common, f"run_dir={root / 's1'}", "retrieval.k_test=16"))
     stage2 = train(make(*common, f"run_dir={root / 's2'}", "stage=2", "llm=tiny_opt",
-                        f"init_from={root / 's1' / 'checkpoints' / 'last.ckpt'}", "generation.num_beams=2",
-                        "generation.max_new_tokens=16", "generation.min_new_tokens=4"))
+                        f"init_from={root / 's1' / 'checkpoints' / 'last.ckpt'}", *CAPTION_EVAL))
     return root, stage1, stage2
 
 
@@ -373,10 +374,12 @@ def test_caption_finetuning_trains_the_encoder_and_raises_cider(tiny_starts):
     encoder = [k for k in start if k.startswith("encoder.vit.") and k.endswith("weight")]
     change = sum(((end[k] - start[k]) ** 2).sum() for k in encoder).sqrt().item()
     print(f"caption fine-tuning: CIDEr {stage2['cider']:.4f} -> {tuned['cider']:.4f}, BLEU-4 {stage2['bleu4']:.4f} "
-          f"-> {tuned['bleu4']:.4f}, encoder weight change norm {change:.3f}")
+          f"-> {tuned['bleu4']:.4f}, val loss {stage2['val/loss']:.4f} -> {tuned['val/loss']:.4f}, "
+          f"encoder weight change norm {change:.3f}")
     assert len(encoder) == 1 + 3 * 6  # patch embedding + 3 kept blocks x (2 norms, qkv, proj, fc1, fc2): all moved
     assert all(not torch.equal(start[k], end[k]) for k in encoder)
-    assert tuned["cider"] > stage2["cider"] + 0.05
+    # measured 0.921 -> 1.105 and 0.498 -> 0.483; both write one caption for every image (docs/finetuning.md)
+    assert tuned["cider"] > stage2["cider"] + 0.1 and tuned["val/loss"] < stage2["val/loss"]
 
 
 @pytest.mark.slow
