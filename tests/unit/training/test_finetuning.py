@@ -392,4 +392,4 @@ def test_retrieval_finetuning_raises_r1_over_its_stage1_start(tiny_starts):
           for name, m in (("start", stage1), ("tuned", tuned))}
     print(f"retrieval fine-tuning: R@1 {r1['start']} -> {r1['tuned']}, encoder weight change norm {change:.3f}")
     mean = {name: (r["itm/txt"] + r["itm/img"]) / 2 for name, r in r1.items()}  # the re-ranked R@1
-    assert mean["tuned"] > mean["start"] + 0.04 and change > 0
+    assert mean["tuned"] > mean["start"] + 0.1 and change > 0  # measured 0.02 -> 0.18 (120 steps)
