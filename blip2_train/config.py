@@ -224,6 +224,10 @@ class LLMConfig:
     dropout_in_train: bool = False  # LAVIS leaves the frozen LLM's dropout on (true)
     max_text_len: int = 32
     prompt: str = ""
+    # which tokens of prompt + caption are masked: "joined" the prompt's tokens in the joined text; "lavis"
+    # (LAVIS's blip2_opt) as many as the prompt has alone, which also masks the caption's first token when
+    # the prompt ends in a space ("a photo of "): docs/finetuning.md, "Prompt masking"
+    prompt_mask: str = "joined"
     # T5 only: the feed-forward activation, set on the loaded config. flant5: gelu (LAVIS's blip2_t5 and
     # transformers' BLIP-2 conversion); gelu_new is what flan-t5's own config.json says; null keeps it.
     dense_act_fn: str | None = None
@@ -315,6 +319,7 @@ VALID = {
     "data.synthetic.kind": ("shapes", "scenes", "qa"),
     "trainer.strategy": ("auto", "ddp", "fsdp"),
     "llm.precision": ("fp32", "fp16", "bf16"),
+    "llm.prompt_mask": ("joined", "lavis"),
     "qformer.impl": ("fast", "hf"),
     "qformer.dropout_masks": ("packed", "torch"),
     "optim.implementation": ("fused", "foreach", "for_loop"),

@@ -7,6 +7,8 @@ import zlib
 
 import torch
 
+PROMPT_MASKS = ("joined", "lavis")  # llm.prompt_mask: the prompt's tokens in the joined text | LAVIS's count
+
 
 class DecoderOnlyCollate:
     """OPT: text = prompt + caption + "\\n"; right padding to the longest in the batch.
@@ -19,12 +21,16 @@ class DecoderOnlyCollate:
     the joined text ("Ġof", "Ġa"), so the length of the prompt tokenised alone would also mask the
     caption's first token (LAVIS's blip2_opt does: its prompt length comes from the prompt alone). That
     token is then never a target, yet generation after "a photo of" must produce it.
+    ``prompt_mask="lavis"`` masks LAVIS's way (the prompt's length tokenised alone, for every row).
     """
 
-    def __init__(self, tokenizer, prompt: str, max_len: int):
+    def __init__(self, tokenizer, prompt: str, max_len: int, prompt_mask: str = "joined"):
+        if prompt_mask not in PROMPT_MASKS:
+            raise ValueError(f"llm.prompt_mask={prompt_mask!r} is not valid; choose one of: {', '.join(PROMPT_MASKS)}")
         self.tokenizer = tokenizer
         self.prompt = prompt
         self.max_len = max_len
+        self.prompt_mask = prompt_mask
         self.prompt_ids = torch.tensor(tokenizer(prompt)["input_ids"])  # BOS + prompt tokens
 
     def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
@@ -33,8 +39,11 @@ class DecoderOnlyCollate:
         enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_len,
                              return_tensors="pt")
         ids = enc["input_ids"]
-        head = ids[:, : len(self.prompt_ids)]  # per row: how many leading tokens are the prompt's
-        prompt_len = (head == self.prompt_ids[: head.shape[1]]).long().cumprod(dim=1).sum(dim=1)
+        if self.prompt_mask == "lavis":
+            prompt_len = torch.full((ids.shape[0],), len(self.prompt_ids))
+        else:
+            head = ids[:, : len(self.prompt_ids)]  # per row: how many leading tokens are the prompt's
+            prompt_len = (head == self.prompt_ids[: head.shape[1]]).long().cumprod(dim=1).sum(dim=1)
         masked = torch.arange(ids.shape[1])[None, :] < prompt_len[:, None]
         labels = ids.masked_fill((enc["attention_mask"] == 0) | masked, -100)
         return {"llm_input_ids": enc["input_ids"], "llm_attention_mask": enc["attention_mask"],

@@ -63,7 +63,8 @@ class Stage2Module(Blip2Base):
 
         tok, max_len = self.llm_tokenizer, self.cfg.llm.max_text_len
         if self.decoder_only:
-            collate = DecoderOnlyCollate(tok, self.cfg.llm.prompt, max_len)
+            collate = DecoderOnlyCollate(tok, self.cfg.llm.prompt, max_len,
+                                         OmegaConf.select(self.cfg, "llm.prompt_mask", default="joined"))
             return collate, collate
         return (PrefixLMCollate(tok, max_len, seed=self.cfg.seed),
                 PrefixLMCollate(tok, max_len, seed=self.cfg.seed, deterministic=True))

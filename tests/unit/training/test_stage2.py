@@ -122,6 +122,13 @@ def test_decoder_only_labels_token_by_token(cache):
     # without a prompt only BOS is masked
     plain = DecoderOnlyCollate(tok, "", 48)(captions)
     assert (plain["llm_labels"][:, 0] == -100).all() and (plain["llm_labels"][:, 1] == plain["llm_input_ids"][:, 1]).all()
+    # llm.prompt_mask=lavis: LAVIS's count (the prompt tokenised alone) also masks the caption's first token
+    lavis = DecoderOnlyCollate(tok, "a photo of ", 48, "lavis")(captions)["llm_labels"]
+    assert torch.equal(lavis[:, : prompt_len + 1], torch.full((2, prompt_len + 1), -100))
+    assert (labels[:, prompt_len] != -100).all()  # ... which "joined" keeps as a target
+    assert torch.equal(lavis[:, prompt_len + 1:], labels[:, prompt_len + 1:])
+    with pytest.raises(ValueError, match="llm.prompt_mask='lavish' is not valid; choose one of: joined, lavis"):
+        DecoderOnlyCollate(tok, "a photo of ", 48, "lavish")
 
 
 def test_prefix_split_bounds_and_seed():
