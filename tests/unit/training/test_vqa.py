@@ -414,15 +414,16 @@ def _shard_records(directory):
     return records
 
 
-VQA_MARGIN = 0.12  # over the per-type majority answer (0.311 on this set); measured +0.17 (0.484, docs/vqa.md)
+VQA_MARGIN = 0.12  # over the per-type majority answer (0.311 on this set); measured +0.16 (0.471, docs/vqa.md)
 
 
-@pytest.mark.slow  # 9 min on 2 shared cores: 6 of them the tiny LLM's reading pretraining, then 400 steps
+@pytest.mark.slow  # 10-12 min on 2 shared cores: 6 of them the tiny LLM's reading pretraining, then 400 steps
 def test_tiny_vqa_fine_tuning_beats_the_majority_answer_baselines(tmp_path):
     """experiment=blip2_vqa_tiny, as its header runs it: VQA accuracy on 200 held-out synthetic questions at
     least VQA_MARGIN above answering each question type's most frequent training answer, and far above the
     single most frequent answer; evaluate reproduces the run's accuracy from its checkpoint, and the answers
-    of the type the model must read from the image alone (background) beat their majority by 0.3."""
+    of the type the model must read from the image alone (background) beat their majority by 0.3, and those
+    about the shape's colour (a few of the 256 patches at 128 px) by 0.08."""
     from blip2_train.evaluate import evaluate
     from blip2_train.training.fit import train
 
@@ -452,6 +453,8 @@ def test_tiny_vqa_fine_tuning_beats_the_majority_answer_baselines(tmp_path):
     assert len(predictions) == len(val) == 200
     assert metrics["val/vqa_accuracy"] >= per_type + VQA_MARGIN and per_type > overall
     assert by_type["background"] >= majority_by_type["background"] + 0.3
+    # measured 0.32 against 0.15; the 64-px grid of the fifth pass got 0.22 and fails this (docs/vqa.md)
+    assert by_type["color"] >= majority_by_type["color"] + 0.08
 
 
 # ------------------------------------------------------------------------------------- export
