@@ -290,22 +290,23 @@ def _with_shards(cfg):
     return cfg
 
 
-@pytest.mark.parametrize("recipe", ["blip2_caption_coco_ft", "blip2_retrieval_coco_ft"])
-def test_recipes_build_at_real_size_on_the_meta_device(recipe):
-    """ViT-g at 364 px (trainable, checkpointed), the BERT-base Q-Former and, for captioning, the OPT-2.7B
-    sizes, without weights; the retrieval optimizer's ViT groups at 0.95^(39 - i) and 0.95^40."""
+@pytest.mark.parametrize("recipe, tokens", [("blip2_caption_coco_ft", 26 * 26 + 1), ("blip2_retrieval_coco_ft", 26 * 26 + 1),
+                                           ("blip2_vitg_opt27_vqa_from_stage2", 35 * 35 + 1)])
+def test_recipes_build_at_real_size_on_the_meta_device(recipe, tokens):
+    """ViT-g at 364 px (490 for VQA; trainable, checkpointed), the BERT-base Q-Former and, for stage 2, the
+    OPT-2.7B sizes, without weights; with layer decay (retrieval, VQA) the ViT groups at 0.95^(39 - i) and 0.95^40."""
     from transformers import OPTConfig, OPTForCausalLM
 
     from blip2_train.models.qformer import QFormer, num_parameters
 
     cfg = make(f"experiment={recipe}", "init_from=x.ckpt")
     encoder = build_image_encoder(cfg.encoder, device="meta")
-    assert (encoder.depth, encoder.num_tokens, encoder.width) == (39, 677, 1408)
+    assert (encoder.depth, encoder.num_tokens, encoder.width) == (39, tokens, 1408)
     assert encoder.gradient_checkpointing and encoder.vit.grad_checkpointing and not encoder.frozen
     assert all(p.is_meta and p.requires_grad and p.dtype == torch.float32 for p in encoder.parameters())
     with torch.device("meta"):
         qformer = QFormer(cfg.qformer, vision_width=encoder.width, vocab_size=30523, pad_token_id=0,
-                          query_only=cfg.stage.name == 2)
+                          query_only=cfg.stage.name == 2 and cfg.stage.task == "caption")
     model = _WithEncoder(encoder)
     model.model = qformer
     assert 980e6 < num_parameters(encoder) < 990e6  # EVA-g's 39 kept blocks, 40.4M per block x 39 + embeddings

@@ -395,6 +395,8 @@ def test_vqa_presets_compose_validate_and_build(cache):
     assert with_init.optim.lr == 1e-5 and with_init.optim.warmup_steps == 1000 and with_init.vqa.num_beams == 5
     assert [s.name for s in with_init.data.sources] == ["vqav2", "vg_qa"] and with_init.llm.model == "facebook/opt-2.7b"
     assert with_init.vqa.prompt == "Question: {} Answer:" and with_init.data.global_batch_size == 128
+    # the paper's VQA fine-tuning trains the ViT at 490 px with layer-wise lr decay 0.95 (built on meta in test_finetuning)
+    assert not with_init.encoder.freeze and with_init.encoder.image_size == 490 and with_init.optim.layer_decay == 0.95
     # the paper-size Q-Former with its text path (bert-base sizes), on the meta device: 188M in the paper
     with torch.device("meta"):
         qformer = QFormer(with_init.qformer, vision_width=1408, vocab_size=30523, query_only=False)
