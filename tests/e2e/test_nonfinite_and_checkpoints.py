@@ -6,6 +6,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from test_stage1_run import make_cfg  # tests/e2e/ is on sys.path under pytest (this file's folder)
+from tiny_runs import train_with_callback
 
 
 def poison(monkeypatch, bad_steps):
@@ -41,27 +42,12 @@ class WeightsAroundStep(Callback):
             self.after = self._copy(module)
 
 
-def run_with(cfg, callback):
-    from blip2_train.training import fit as train_module
-
-    original = train_module.build_trainer
-
-    def build_trainer(cfg, run_dir, tracker, *args, **kwargs):
-        trainer = original(cfg, run_dir, tracker, *args, **kwargs)
-        trainer.callbacks.append(callback)
-        return trainer
-
-    train_module.build_trainer = build_trainer
-    try:
-        return train_module.train(cfg)
-    finally:
-        train_module.build_trainer = original
 
 
 def test_nonfinite_loss_skips_the_update_and_is_counted(tmp_path, cache, monkeypatch, caplog):
     poison(monkeypatch, {1})
     bad = WeightsAroundStep(1)
-    run_with(make_cfg(tmp_path, cache, "trainer.max_steps=3"), bad)
+    train_with_callback(make_cfg(tmp_path, cache, "trainer.max_steps=3"), bad)
     assert bad.before and all(torch.equal(bad.before[n], bad.after[n]) for n in bad.before)
     assert "non-finite loss" in caplog.text and "batch keys: [" in caplog.text  # the samples are named
     rows = list(csv.DictReader((tmp_path / "run" / "logs" / "metrics.csv").read_text().splitlines()))
@@ -75,7 +61,7 @@ def test_nonfinite_loss_skips_the_update_and_is_counted(tmp_path, cache, monkeyp
 
 def test_a_finite_step_updates_the_weights(tmp_path, cache):
     good = WeightsAroundStep(1)
-    run_with(make_cfg(tmp_path, cache, "trainer.max_steps=2"), good)
+    train_with_callback(make_cfg(tmp_path, cache, "trainer.max_steps=2"), good)
     changed = [n for n in good.before if not torch.equal(good.before[n], good.after[n])]
     assert len(changed) == len(good.before)
 
@@ -95,7 +81,7 @@ def test_checkpoint_every_n_steps_writes_last_ckpt_at_those_steps(tmp_path, cach
         def on_save_checkpoint(self, trainer, module, checkpoint):
             saved.append(checkpoint["global_step"])
 
-    run_with(make_cfg(tmp_path, cache, "trainer.max_steps=5", "checkpoint.every_n_steps=2"), RecordSaves())
+    train_with_callback(make_cfg(tmp_path, cache, "trainer.max_steps=5", "checkpoint.every_n_steps=2"), RecordSaves())
     assert saved == [2, 4, 5]  # every 2 steps, and at the end
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 5
@@ -153,7 +139,7 @@ def test_stage2_nonfinite_loss_skips_the_update_and_is_counted(tmp_path, cache, 
             bad.on_train_batch_end(*args)
             good.on_train_batch_end(*args)
 
-    run_with(make_cfg(tmp_path, cache, "trainer.max_steps=3", *STAGE2), Both())
+    train_with_callback(make_cfg(tmp_path, cache, "trainer.max_steps=3", *STAGE2), Both())
     assert any(n.startswith("language_projection.") for n in bad.before)
     assert bad.before and all(torch.equal(bad.before[n], bad.after[n]) for n in bad.before)
     assert all(not torch.equal(good.before[n], good.after[n]) for n in good.before)  # the next step trains

@@ -6,6 +6,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from test_stage1_run import make_cfg  # tests/e2e/ is on sys.path under pytest (this file's folder)
+from tiny_runs import train_with_callback
 
 # 3 batches per epoch, so the runs cross epochs; validation every 3 steps
 EXACT = ["trainer.max_steps=7", "data.samples_per_epoch=24", "trainer.val_check_interval=3",
@@ -27,21 +28,6 @@ class Record(Callback):
             trainer.should_stop = True  # AtomicLastCheckpoint writes last.ckpt at this step
 
 
-def _train(cfg, callback):
-    from blip2_train.training import fit as train_module
-
-    original = train_module.build_trainer
-
-    def build_trainer(*args, **kwargs):
-        trainer = original(*args, **kwargs)
-        trainer.callbacks.append(callback)
-        return trainer
-
-    train_module.build_trainer = build_trainer
-    try:
-        return train_module.train(cfg)
-    finally:
-        train_module.build_trainer = original
 
 
 
@@ -49,7 +35,7 @@ def _train(cfg, callback):
 def uninterrupted(tmp_path_factory, cache):
     tmp = tmp_path_factory.mktemp("uninterrupted")
     record = Record()
-    _train(make_cfg(tmp, cache, *EXACT), record)
+    train_with_callback(make_cfg(tmp, cache, *EXACT), record)
     run = tmp / "run"
     return {"losses": record.losses, "ids": record.ids,
             "ckpt": torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)}
@@ -79,11 +65,11 @@ def _assert_same_state(resumed, reference):
 def test_a_resumed_run_continues_exactly_as_an_uninterrupted_one(tmp_path, cache, uninterrupted, stop_at):
     cfg = make_cfg(tmp_path, cache, *EXACT)
     first = Record(stop_at)
-    _train(cfg, first)
+    train_with_callback(cfg, first)
     run = tmp_path / "run"
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == stop_at
     second = Record()
-    metrics = _train(cfg, second)
+    metrics = train_with_callback(cfg, second)
     assert metrics["resumed_from_step"] == stop_at and metrics["global_step"] == 7
     ids = {**first.ids, **second.ids}
     assert sorted(second.ids) == list(range(stop_at + 1, 8))

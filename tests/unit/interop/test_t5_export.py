@@ -6,23 +6,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from t5_untied_fixture import build_untied_t5
+from tiny_runs import tiny_run_cfg as make_cfg
 
-from blip2_train.config import CONF_DIR, normalize_overrides, register_configs
-
-register_configs()
 # a random LM rarely ends early: max_new_tokens binds on every caption, min_new_tokens=5 on one
 GEN = ["generation.num_beams=1", "generation.max_new_tokens=7", "generation.min_new_tokens=5"]
 
 
-def make_cfg(run_dir, cache, *overrides):
-    base = [f"run_dir={run_dir}", f"cache_dir={cache}", "trainer.max_steps=2", "trainer=cpu",
-            "trainer.enable_progress_bar=false", "logger=none", "data.batch_size=8", "data.eval_batch_size=16",
-            "data.num_workers=0", "data.synthetic.num_train=32", "data.synthetic.num_val=12",
-            "data.synthetic.samples_per_shard=16", "data.samples_per_epoch=32", "qformer.num_hidden_layers=2"]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=normalize_overrides(base + list(overrides)))
 
 
 
